@@ -1,0 +1,859 @@
+"""What train_cnn.py, train_resnet.py and evaluate.py share, written once.
+
+Sections, in the order a run uses them:
+  data          read CIFAR-10 (or download it), held-out split, subset
+  augmentation  the report's pipeline as batched tensor ops on the training device
+  model         layer-table summary, device, autocast
+  training      arguments, one-cycle schedule, the epoch loop with clipping
+  checkpoints   atomic saves, safe loading, exact resume
+  evaluation    clean accuracy, the report's repeated passes, test-time augmentation
+
+Functions take what they use and return numbers; the scripts do the printing.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import pickle
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MEAN = STD = (0.5, 0.5, 0.5)  # the report's Normalize: pixels in [0, 1] -> [-1, 1]
+NUM_CLASSES = 10
+IMAGE_SIZE = 32
+SPLIT_SEED = 0  # the validation split is fixed: every run and every seed holds out the same images
+EVAL_BATCH = 500  # evaluation needs no gradients, so bigger batches are just faster
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"  # torchvision's
+CIFAR10_TGZ = "cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"  # md5 of the official archive (torchvision's)
+TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
+
+
+class UserError(Exception):
+    """A problem with the user's input: reported as one line, never a traceback."""
+
+
+def cli(main):
+    """Run main(); a UserError becomes `<script>: error: ...` on stderr and exit code 1."""
+    try:
+        return main()
+    except UserError as error:
+        sys.exit(f"{Path(sys.argv[0]).name}: error: {error}")
+
+
+# ----------------------------------------------------------------------------- data
+
+def load_cifar10(data_dir):
+    """Return (train_x, train_y, test_x, test_y, classes) from data_dir/cifar-10-batches-py.
+
+    Images are uint8 (N, 3, 32, 32), labels int64. The pickle files are read directly:
+    torchvision.datasets.CIFAR10 insists on the official md5 sums and refuses any other
+    copy. When the folder is missing, the official archive is used (downloaded if needed).
+    """
+    data_dir = Path(data_dir)
+    folder = data_dir / "cifar-10-batches-py"
+    if not folder.is_dir():
+        _fetch_archive(data_dir)
+    meta = _read_pickle(folder / "batches.meta")
+    classes = [_text(name) for name in meta["label_names"]]
+    if len(classes) != NUM_CLASSES:
+        raise UserError(f"{folder / 'batches.meta'} lists {len(classes)} classes, expected 10")
+    train_x, train_y = _read_batches([folder / name for name in TRAIN_FILES])
+    test_x, test_y = _read_batches([folder / "test_batch"])
+    return train_x, train_y, test_x, test_y, classes
+
+
+def _fetch_archive(data_dir):
+    """Extract cifar-10-python.tar.gz into data_dir, downloading it first if it is absent."""
+    from torchvision.datasets.utils import check_integrity, download_url, extract_archive
+
+    archive = data_dir / CIFAR10_TGZ
+    if not archive.exists():
+        print(f"{data_dir / 'cifar-10-batches-py'} not found: downloading {CIFAR10_URL}", flush=True)
+        try:
+            download_url(CIFAR10_URL, str(data_dir), CIFAR10_TGZ, CIFAR10_MD5)
+        except Exception as error:  # offline, server down, proxy...: all mean the same to the user
+            raise UserError(
+                f"CIFAR-10 not found in {data_dir.resolve()} (no cifar-10-batches-py folder, no "
+                f"{CIFAR10_TGZ}) and the download failed ({type(error).__name__}: {error}). "
+                f"Fix: get a connection and rerun, or point --data-dir at a folder holding "
+                f"cifar-10-batches-py (or {CIFAR10_TGZ})") from None
+    if not check_integrity(str(archive), CIFAR10_MD5):
+        raise UserError(f"{archive} is incomplete or corrupt (md5 is not the official "
+                        f"{CIFAR10_MD5}); delete it and download it again")
+    extract_archive(str(archive), str(data_dir))
+
+
+def _read_pickle(path):
+    if not path.is_file():
+        raise UserError(f"{path} is missing; the folder should hold batches.meta, "
+                        f"{', '.join(TRAIN_FILES)} and test_batch")
+    try:
+        with open(path, "rb") as f:
+            content = pickle.load(f, encoding="latin1")  # the official files are Python 2 pickles
+    except Exception as error:
+        raise UserError(f"{path} is truncated or corrupt ({type(error).__name__}); "
+                        f"replace it with a fresh copy of CIFAR-10") from None
+    if not isinstance(content, dict):
+        raise UserError(f"{path} is not a CIFAR-10 batch file (holds a {type(content).__name__})")
+    return {_text(key): value for key, value in content.items()}
+
+
+def _text(value):
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _read_batches(paths):
+    images, labels = [], []
+    for path in paths:
+        batch = _read_pickle(path)
+        if "data" not in batch or "labels" not in batch:
+            raise UserError(f"{path} has no 'data' or 'labels' entry: not a CIFAR-10 batch file")
+        data = torch.as_tensor(batch["data"])
+        label = torch.as_tensor(batch["labels"], dtype=torch.int64)
+        if data.dtype != torch.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise UserError(f"{path}: images have shape {tuple(data.shape)} and type {data.dtype}, "
+                            f"expected (N, 3072) uint8")
+        if label.shape != (data.shape[0],):
+            raise UserError(f"{path}: {label.numel()} labels for {data.shape[0]} images")
+        if label.numel() and (label.min() < 0 or label.max() >= NUM_CLASSES):
+            raise UserError(f"{path}: labels range from {label.min()} to {label.max()}, expected 0..9")
+        images.append(data.reshape(-1, 3, 32, 32))
+        labels.append(label)
+    return torch.cat(images), torch.cat(labels)
+
+
+def split_train_val(labels, val_size):
+    """Indices (train, val): a fixed, class-stratified held-out split of the training set.
+
+    val_size // 10 images of each class (the remainder from the first classes) are held
+    out, chosen by a permutation seeded with SPLIT_SEED. The training indices keep that
+    permuted order, so their first N are a roughly class-balanced subset.
+    """
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(SPLIT_SEED))
+    held_out = torch.zeros(len(labels), dtype=torch.bool)
+    for c in range(NUM_CLASSES):
+        wanted = val_size // NUM_CLASSES + (c < val_size % NUM_CLASSES)
+        members = order[labels[order] == c]
+        if wanted > len(members):
+            raise UserError(f"--val-size {val_size} needs {wanted} images of class {c}, "
+                            f"the training set has {len(members)}")
+        held_out[members[:wanted]] = True
+    return order[~held_out[order]], order[held_out[order]]
+
+
+def load_data(args, device):
+    """The run's data on `device` as uint8: train (maybe a subset), val (maybe empty), test."""
+    train_x, train_y, test_x, test_y, classes = load_cifar10(args.data_dir)
+    train_idx, val_idx = split_train_val(train_y, args.val_size)
+    if len(train_idx) == 0:
+        raise UserError(f"--val-size {args.val_size} leaves no training images")
+    if args.subset:
+        train_idx = train_idx[:args.subset]
+    if args.dry_run:  # a check of the code, not a measurement: a slice of the test set will do
+        test_x, test_y = test_x[:500], test_y[:500]
+    data = {"train": (train_x[train_idx], train_y[train_idx]),
+            "val": (train_x[val_idx], train_y[val_idx]),
+            "test": (test_x, test_y)}
+    return {name: (x.to(device), y.to(device)) for name, (x, y) in data.items()}, classes
+
+
+# ----------------------------------------------------------------------------- augmentation
+# Every image gets its own random parameters, drawn from one torch.Generator on the batch's
+# device, and the whole batch is transformed at once. (torchvision.transforms.v2 applied to a
+# batch draws ONE set of parameters for all of it, which is not the report's pipeline.)
+# Where the report gives no magnitude, torchvision's default for the named transform is used.
+
+CROP_SCALE, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)  # RandomResizedCrop defaults
+MAX_ROTATION = 20.0  # degrees, the report's
+FLIP_P = 0.1  # the report's
+JITTER_P = 0.1  # the report's
+# ColorJitter's defaults are 0 (no change) and RandomAdjustSharpness has none, so we choose:
+# each factor uniform in [1 - JITTER, 1 + JITTER], i.e. ColorJitter(0.2, 0.2, 0.2).
+JITTER = 0.2
+ERASE_P = 0.75  # the report's
+ERASE_SCALE, ERASE_RATIO = (0.02, 0.33), (0.3, 3.3)  # RandomErasing defaults, value 0
+PAD = 4  # the `standard` augmentation: 4-pixel padded random crop
+GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+
+
+def _uniform(n, low, high, gen, device):
+    return low + (high - low) * torch.rand(n, generator=gen, device=device)
+
+
+def _randint_below(bound, gen):
+    """One integer in [0, bound) per entry of the float tensor `bound`."""
+    return (torch.rand(bound.shape, generator=gen, device=bound.device) * bound).floor()
+
+
+def sample_boxes(n, area, scale, ratio, fits, gen, device, tries=10):
+    """Sample (height, width) as RandomResizedCrop / RandomErasing do, n at once.
+
+    Each draws up to `tries` (area fraction, log-uniform aspect) pairs and keeps the first
+    whose rounded size `fits`. Returns h, w (float) and whether any try fitted.
+    """
+    target = area * _uniform(n * tries, *scale, gen, device)
+    aspect = torch.exp(_uniform(n * tries, math.log(ratio[0]), math.log(ratio[1]), gen, device))
+    w = torch.sqrt(target * aspect).round().view(n, tries)
+    h = torch.sqrt(target / aspect).round().view(n, tries)
+    ok = fits(h, w)
+    first = ok.to(torch.uint8).argmax(dim=1, keepdim=True)  # first fitting try (0 when none)
+    return h.gather(1, first)[:, 0], w.gather(1, first)[:, 0], ok.any(dim=1)
+
+
+def sample_crops(n, gen, device, size=IMAGE_SIZE):
+    """RandomResizedCrop.get_params for n images: (top, left, height, width), float."""
+    h, w, found = sample_boxes(n, size * size, CROP_SCALE, CROP_RATIO,
+                               lambda h, w: (h > 0) & (h <= size) & (w > 0) & (w <= size), gen, device)
+    # No fit in 10 tries: torchvision falls back to a centre crop with the ratio clamped into
+    # CROP_RATIO, which for a square image is the whole image.
+    h, w = torch.where(found, h, size), torch.where(found, w, size)
+    return _randint_below(size - h + 1, gen), _randint_below(size - w + 1, gen), h, w
+
+
+def sample_erasures(n, gen, device, size=IMAGE_SIZE):
+    """RandomErasing.get_params for n images: (top, left, height, width); 0x0 when none fits."""
+    h, w, found = sample_boxes(n, size * size, ERASE_SCALE, ERASE_RATIO,
+                               lambda h, w: (h < size) & (w < size), gen, device)
+    h, w = h * found, w * found
+    return _randint_below(size - h + 1, gen), _randint_below(size - w + 1, gen), h, w
+
+
+def resample(images, top, left, height, width, degrees, flip):
+    """Crop each box, resize it to full size, rotate it and maybe flip it: ONE bilinear resampling.
+
+    affine_grid maps each output pixel (normalised coordinates in [-1, 1]) to where it is
+    read from: flip its x, rotate it, scale it to the box, shift it to the box centre.
+    torchvision would resample twice (bilinear crop, then a nearest-neighbour rotation);
+    one pass is faster and blurs less. Pixels rotated in from outside are 0 (black), as
+    RandomRotation's default fill.
+    """
+    n, _, size, _ = images.shape
+    angle = torch.deg2rad(degrees)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    sign = 1.0 - 2.0 * flip.to(images.dtype)  # -1 mirrors x
+    sx, sy = width / size, height / size
+    theta = torch.stack([
+        torch.stack([sx * cos * sign, -sx * sin, (2 * left + width) / size - 1], dim=1),
+        torch.stack([sy * sin * sign, sy * cos, (2 * top + height) / size - 1], dim=1),
+    ], dim=1)
+    grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _grayscale(images):
+    weights = torch.tensor(GRAY, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    return (images * weights).sum(dim=1, keepdim=True)
+
+
+def _blend(images, other, factor):
+    return (factor.view(-1, 1, 1, 1) * images + (1 - factor.view(-1, 1, 1, 1)) * other).clamp(0, 1)
+
+
+def _blurred(images):
+    """torchvision's adjust_sharpness degenerate image: a 3x3 smoothing, borders kept."""
+    kernel = torch.ones(3, 3, dtype=images.dtype, device=images.device)
+    kernel[1, 1] = 5.0
+    kernel = (kernel / 13).expand(3, 1, 3, 3)
+    inner = F.conv2d(images, kernel, groups=3)
+    return torch.cat([images[..., :1, :], torch.cat(
+        [images[..., 1:-1, :1], inner, images[..., 1:-1, -1:]], dim=-1), images[..., -1:, :]], dim=-2)
+
+
+def color_jitter(images, gen):
+    """With p=JITTER_P per image: brightness, contrast, saturation and sharpness, in that order.
+
+    Each is torchvision's blend with a reference image (black, mean grey, greyscale,
+    blurred), so the whole batch is computed and `torch.where` keeps the chosen images:
+    no data-dependent shapes, no GPU sync.
+    """
+    n, device = len(images), images.device
+    chosen = torch.rand(n, generator=gen, device=device) < JITTER_P
+    brightness, contrast, saturation, sharpness = (
+        _uniform(n, 1 - JITTER, 1 + JITTER, gen, device) for _ in range(4))
+    out = _blend(images, torch.zeros_like(images), brightness)
+    out = _blend(out, _grayscale(out).mean(dim=(1, 2, 3), keepdim=True), contrast)
+    out = _blend(out, _grayscale(out), saturation)
+    out = _blend(out, _blurred(out), sharpness)
+    return torch.where(chosen.view(-1, 1, 1, 1), out, images)
+
+
+def erase(images, gen):
+    """RandomErasing(p=ERASE_P, value=0): zero a box per chosen image, by a mask."""
+    n, _, size, _ = images.shape
+    device = images.device
+    chosen = torch.rand(n, generator=gen, device=device) < ERASE_P
+    top, left, h, w = (t.view(n, 1) for t in sample_erasures(n, gen, device, size))
+    pos = torch.arange(size, device=device).view(1, size)
+    rows = (pos >= top) & (pos < top + h)
+    cols = (pos >= left) & (pos < left + w)
+    box = rows.view(n, 1, size, 1) & cols.view(n, 1, 1, size) & chosen.view(n, 1, 1, 1)
+    return images.masked_fill(box, 0.0)
+
+
+def to_float(images):
+    """uint8 [0, 255] -> float [0, 1], as ToTensor."""
+    return images.float().div_(255)
+
+
+def normalize(images):
+    """The report's Normalize(0.5, 0.5) for float [0, 1] images: -> [-1, 1]."""
+    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+def augment_seed(images, gen):
+    """The report's training pipeline (uint8 batch -> normalised float batch).
+
+    Crop (scale 0.08-1) + rotation (+-20 deg) + flip (p=0.1) in one resampling, then with
+    p=0.1 colour jitter, then Normalize, then erasing (p=0.75) with value 0, which after
+    normalisation is mid-grey, as in the report's order.
+    """
+    n, device = len(images), images.device
+    top, left, h, w = sample_crops(n, gen, device)
+    degrees = _uniform(n, -MAX_ROTATION, MAX_ROTATION, gen, device)
+    flip = torch.rand(n, generator=gen, device=device) < FLIP_P
+    out = resample(to_float(images), top, left, h, w, degrees, flip)
+    return erase(normalize(color_jitter(out, gen)), gen)
+
+
+def augment_standard(images, gen):
+    """The usual CIFAR recipe: 4-pixel zero-padded random crop and flip with p=0.5."""
+    n, _, size, _ = images.shape
+    device = images.device
+    padded = F.pad(to_float(images), (PAD, PAD, PAD, PAD))
+    dy = torch.randint(0, 2 * PAD + 1, (n, 1), generator=gen, device=device)
+    dx = torch.randint(0, 2 * PAD + 1, (n, 1), generator=gen, device=device)
+    pos = torch.arange(size, device=device).view(1, size)
+    rows, cols = (dy + pos).view(n, 1, size, 1), (dx + pos).view(n, 1, 1, size)
+    batch = torch.arange(n, device=device).view(n, 1, 1, 1)
+    channel = torch.arange(3, device=device).view(1, 3, 1, 1)
+    out = padded[batch, channel, rows, cols]
+    flip = torch.rand(n, generator=gen, device=device) < 0.5
+    return normalize(torch.where(flip.view(n, 1, 1, 1), out.flip(-1), out))
+
+
+def augment_none(images, gen=None):
+    """No augmentation: the test pipeline, normalisation only."""
+    return normalize(to_float(images))
+
+
+AUGMENTATIONS = {"seed": augment_seed, "standard": augment_standard, "none": augment_none}
+
+
+def torchvision_pipeline(aug="seed"):
+    """The same augmentation written with torchvision transforms, applied one image at a time.
+
+    Not used for training: it is the peer that bench.py races and the tests compare with.
+    Input: one uint8 (3, 32, 32) tensor.
+    """
+    import torchvision.transforms.v2 as T
+
+    class RandomSharpness(T.Transform):  # torchvision has a fixed-factor version only
+        def transform(self, inpt, params):
+            factor = float(_uniform(1, 1 - JITTER, 1 + JITTER, None, "cpu"))
+            return T.functional.adjust_sharpness(inpt, factor)
+
+    to_input = [T.ToDtype(torch.float32, scale=True)]
+    norm = [T.Normalize(MEAN, STD)]
+    if aug == "none":
+        return T.Compose(to_input + norm)
+    if aug == "standard":
+        return T.Compose(to_input + [T.RandomCrop(IMAGE_SIZE, padding=PAD), T.RandomHorizontalFlip()] + norm)
+    return T.Compose(to_input + [
+        T.RandomResizedCrop(IMAGE_SIZE, scale=CROP_SCALE, ratio=CROP_RATIO),
+        T.RandomRotation(MAX_ROTATION),
+        T.RandomHorizontalFlip(FLIP_P),
+        T.RandomApply([T.ColorJitter(JITTER, JITTER, JITTER), RandomSharpness()], p=JITTER_P),
+    ] + norm + [T.RandomErasing(ERASE_P, ERASE_SCALE, ERASE_RATIO, value=0)])
+
+
+# ----------------------------------------------------------------------------- model
+
+def count_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def layer_table(model, device="cpu"):
+    """The model's layers in torchsummary's format, the report's table: type, output shape, params.
+
+    Forward hooks on the leaf modules record each output shape; one eval-mode forward of a
+    zero batch, so BatchNorm's running statistics are left untouched.
+    """
+    rows, hooks = [], []
+
+    def record(module, inputs, output):
+        name = f"{type(module).__name__}-{len(rows) + 1}"
+        shape = str([-1] + list(output.shape[1:]))
+        params = sum(p.numel() for p in module.parameters())
+        rows.append(f"{name:>20}  {shape:>25} {params:>15,}")
+
+    for module in model.modules():
+        if not list(module.children()):
+            hooks.append(module.register_forward_hook(record))
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        model(torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE, device=device))
+    model.train(was_training)
+    for hook in hooks:
+        hook.remove()
+    line = "-" * 64
+    header = f"{'Layer (type)':>20}  {'Output Shape':>25} {'Param #':>15}"
+    return "\n".join([line, header, "=" * 64, *rows, "=" * 64,
+                      f"Total params: {count_params(model):,}", line])
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(device):
+    """bfloat16 autocast on CUDA; float32 on CPU (bf16 autocast on many CPUs is >10x slower)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def channels_last(batch):
+    """NHWC memory layout on CUDA, where cuDNN's convolutions run fastest with it."""
+    return batch.contiguous(memory_format=torch.channels_last) if batch.is_cuda else batch
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+# ----------------------------------------------------------------------------- training
+
+# The settings that decide what a run computes: a resumed run must match them all.
+RUN_SETTINGS = ("epochs", "batch_size", "max_lr", "weight_decay", "grad_clip", "clip_norm",
+                "aug", "val_size", "subset", "seed", "device", "dry_run")
+
+
+def parse_args(description, argv=None, prog=None):
+    """The training scripts' command line, with the report's settings as defaults."""
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--epochs", type=int, default=20, help="training epochs")
+    p.add_argument("--batch-size", type=int, default=64, help="images per training step")
+    p.add_argument("--max-lr", type=float, default=0.01, help="peak of the one-cycle learning rate")
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="Adam's weight decay")
+    p.add_argument("--grad-clip", type=float, default=0.1, help="clip each gradient value to +-this (0: off)")
+    p.add_argument("--clip-norm", action="store_true", help="clip the gradients' total norm instead of each value")
+    p.add_argument("--aug", choices=sorted(AUGMENTATIONS), default="seed",
+                   help="training augmentation: the report's (seed), pad-crop-flip (standard), or none")
+    p.add_argument("--val-size", type=int, default=5000,
+                   help="training images held out for validation (0: train on all 50,000 as the report)")
+    p.add_argument("--subset", type=int, default=0, help="train on only this many images (0: all)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for weights, order and augmentation")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train")
+    p.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py (downloaded if missing)")
+    p.add_argument("--out", default="runs", help="folder for the checkpoint, JSON and curves")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    p.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in this checkpoint")
+    p.add_argument("--stop-after", type=int, metavar="K", help="end cleanly after epoch K (resume later)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the whole run in seconds: 1 epoch, 128 training, 100 val and 500 test images")
+    args = p.parse_args(argv)
+    args.prog, args.argv = p.prog, list(sys.argv[1:] if argv is None else argv)  # for resume_hint
+    if args.dry_run:
+        args.epochs, args.subset, args.val_size = 1, 128, 100
+    for flag in ("epochs", "batch_size"):
+        if getattr(args, flag) <= 0:
+            p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.max_lr <= 0 or args.weight_decay < 0 or args.grad_clip < 0:
+        p.error("--max-lr must be positive, --weight-decay and --grad-clip not negative")
+    if args.val_size < 0 or args.subset < 0:
+        p.error("--val-size and --subset must not be negative")
+    if args.stop_after is not None and not 0 < args.stop_after:
+        p.error(f"--stop-after must be positive, got {args.stop_after}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU is available here (use --device cpu or auto)")
+    args.device = str(resolve_device(args.device))
+    return args
+
+
+def setup(args):
+    """Seed the global RNG (weight initialisation) and pick the device."""
+    torch.manual_seed(args.seed)
+    return torch.device(args.device)
+
+
+def one_cycle(optimizer, max_lr, epochs, steps_per_epoch):
+    """PyTorch's OneCycleLR with its defaults, as the report's logged learning rates show."""
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, epochs=epochs,
+                                               steps_per_epoch=steps_per_epoch)
+
+
+def steps_per_epoch(num_images, batch_size):
+    return math.ceil(num_images / batch_size)  # the last, smaller batch is kept: 782 for 50,000
+
+
+def clip_gradients(model, grad_clip, clip_norm):
+    if grad_clip and clip_norm:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    elif grad_clip:
+        nn.utils.clip_grad_value_(model.parameters(), grad_clip)  # the ResNet9 tutorial's choice
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+class Progress:
+    """`epoch 3: 120/704 batches, 2300 img/s, ETA 4:12`, rewritten in place on a terminal.
+
+    `tick` also checks the losses so far for NaN/inf about once a second: checking every
+    step would make a GPU wait for each loss.
+    """
+
+    def __init__(self, epoch, steps, batch_size, check):
+        self.epoch, self.steps, self.batch_size, self.check = epoch, steps, batch_size, check
+        self.start = self.last = time.perf_counter()
+        self.show = sys.stdout.isatty()
+
+    def tick(self, done):
+        now = time.perf_counter()
+        if now - self.last < 1.0:
+            return
+        self.last = now
+        self.check(done)
+        if self.show:
+            rate = done / (now - self.start)
+            eta = int((self.steps - done) / rate)
+            print(f"\r  epoch {self.epoch}: {done}/{self.steps} batches, "
+                  f"{rate * self.batch_size:.0f} img/s, ETA {eta // 60}:{eta % 60:02d} ",
+                  end="", flush=True)
+
+    def close(self):
+        if self.show:
+            print("\r" + " " * 70 + "\r", end="", flush=True)
+
+
+def train_epoch(model, optimizer, scheduler, images, labels, gen, epoch, args):
+    """One pass over the training images in a fresh random order; returns the epoch's row."""
+    model.train()
+    augment = AUGMENTATIONS[args.aug]
+    order = torch.randperm(len(labels), generator=gen, device=labels.device)
+    steps = steps_per_epoch(len(labels), args.batch_size)
+    loss_sums = torch.zeros(steps, device=labels.device)  # kept on the device: no sync per step
+    correct = torch.zeros((), dtype=torch.int64, device=labels.device)
+
+    def check(done):
+        bad = ~torch.isfinite(loss_sums[:done])
+        if bad.any():
+            raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, batch {int(bad.nonzero()[0]) + 1}")
+
+    progress = Progress(epoch, steps, args.batch_size, check)
+    for step in range(steps):
+        batch = order[step * args.batch_size:(step + 1) * args.batch_size]
+        inputs, targets = channels_last(augment(images[batch], gen)), labels[batch]
+        with autocast(labels.device):
+            logits = model(inputs)
+            loss = F.cross_entropy(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        clip_gradients(model, args.grad_clip, args.clip_norm)
+        last_lr = optimizer.param_groups[0]["lr"]  # the rate this batch used: the report's last_lr
+        optimizer.step()
+        scheduler.step()
+        loss_sums[step] = loss.detach().float() * len(batch)
+        correct += (logits.argmax(dim=1) == targets).sum()
+        progress.tick(step + 1)
+    progress.close()
+    check(steps)
+    return {"epoch": epoch, "last_lr": last_lr, "train_loss": loss_sums.sum().item() / len(labels),
+            "train_accuracy": correct.item() / len(labels)}
+
+
+def run_epoch(model, optimizer, scheduler, data, gen, epoch, args):
+    """Train one epoch, then measure the held-out split; returns the epoch's history row."""
+    start = time.perf_counter()
+    row = train_epoch(model, optimizer, scheduler, *data["train"], gen, epoch, args)
+    val_x, val_y = data["val"]
+    row["val_loss"] = row["val_accuracy"] = None
+    if len(val_y):
+        row["val_loss"], row["val_accuracy"] = loss_and_accuracy(predict(model, val_x), val_y)
+    row["seconds"] = time.perf_counter() - start
+    return row
+
+
+def format_row(row, epochs):
+    """The report's log line, then what it lacked: train accuracy and time."""
+    val = "val_loss: -, val_accuracy: -"  # --val-size 0: nothing is held out
+    if row["val_loss"] is not None:
+        val = f"val_loss: {row['val_loss']:.4f}, val_accuracy: {100 * row['val_accuracy']:.1f}%"
+    return (f"Epoch: {row['epoch']}/{epochs}, last_lr: {row['last_lr']:.5f}, "
+            f"train_loss: {row['train_loss']:.4f}, {val}, "
+            f"train_accuracy: {100 * row['train_accuracy']:.1f}%, {row['seconds']:.1f} s")
+
+
+def fit(name, model, optimizer, scheduler, data, args):
+    """The whole run: epochs, a checkpoint after each, then the clean test accuracy.
+
+    Returns the run's summary (what goes in <name>.json), or None when --stop-after ended it.
+    """
+    device = torch.device(args.device)
+    gen = torch.Generator(device).manual_seed(args.seed)  # epoch order and augmentation
+    paths = output_paths(args.out, name)
+    first, history = 1, []
+    if args.resume:
+        first, history = restore(args.resume, name, model, optimizer, scheduler, gen, args)
+        print(f"resumed {args.resume} after epoch {first - 1}")
+    forward = torch.compile(model) if args.compile else model
+    last = args.epochs if args.stop_after is None else min(args.epochs, args.stop_after)
+    try:
+        for epoch in range(first, last + 1):
+            history.append(run_epoch(forward, optimizer, scheduler, data, gen, epoch, args))
+            print(format_row(history[-1], args.epochs), flush=True)
+            state = checkpoint(name, model, optimizer, scheduler, gen, args, history)
+            save_checkpoint(state, paths["checkpoint"])
+            write_json(paths["json"], summary(name, model, args, history))
+    except KeyboardInterrupt:
+        print(f"\ninterrupted during epoch {len(history) + 1}; {kept(paths, history)}"
+              f"{resume_hint(paths, history, args)}", file=sys.stderr)
+        sys.exit(130)
+    except NonFiniteLoss as error:
+        raise UserError(f"{error}; {kept(paths, history)} (try a lower --max-lr)") from None
+    if last < args.epochs:
+        print(f"stopped after epoch {last} of {args.epochs}{resume_hint(paths, history, args)}")
+        return None
+    return finish(name, model, forward, optimizer, scheduler, gen, data, args, history, paths)
+
+
+def finish(name, model, forward, optimizer, scheduler, gen, data, args, history, paths):
+    """Clean test accuracy on the whole test set, then the final checkpoint, JSON and curves."""
+    test_x, test_y = data["test"]
+    test_accuracy = loss_and_accuracy(predict(forward, test_x), test_y)[1]
+    state = checkpoint(name, model, optimizer, scheduler, gen, args, history, test_accuracy)
+    save_checkpoint(state, paths["checkpoint"])
+    result = summary(name, model, args, history, test_accuracy)
+    write_json(paths["json"], result)
+    plotted = plot_curves(history, paths["curves"], name)
+    print(f"test accuracy (clean, {len(test_y):,} images): {100 * test_accuracy:.2f}%  "
+          f"train time: {result['train_seconds']:.0f} s")
+    print(f"saved {paths['checkpoint']}, {paths['json']}" + (f", {paths['curves']}" if plotted else ""))
+    return result
+
+
+def output_paths(out, name):
+    out = Path(out)
+    return {"checkpoint": out / f"{name}.pt", "json": out / f"{name}.json",
+            "curves": out / f"{name}_curves.png"}
+
+
+def kept(paths, history):
+    if history:
+        return f"{paths['checkpoint']} holds epoch {history[-1]['epoch']}"
+    return "no epoch finished, so nothing was saved"
+
+
+def resume_hint(paths, history, args):
+    """The exact command that continues the run: the same flags, plus --resume."""
+    if not history:
+        return ""
+    argv, skip = [], False
+    for arg in args.argv:  # drop an earlier --resume/--stop-after and their values
+        if skip or arg.split("=")[0] in ("--resume", "--stop-after"):
+            skip = not skip and "=" not in arg
+            continue
+        argv.append(arg)
+    return "\nresume with: " + shlex.join(["python", args.prog, *argv, "--resume", str(paths["checkpoint"])])
+
+
+def summary(name, model, args, history, test_accuracy=None):
+    """What <name>.json holds: the run's config, numbers and what is needed to trust and repeat it."""
+    return {
+        "model": name, "config": config_of(args), "params": count_params(model),
+        "history": history, "test_accuracy": test_accuracy,
+        "train_seconds": sum(row["seconds"] for row in history),
+        "device": device_name(torch.device(args.device)), "torch": torch.__version__,
+        "cuda": torch.version.cuda, "seed": args.seed, "git_commit": git_commit(),
+    }
+
+
+def config_of(args):
+    return {key: value for key, value in vars(args).items() if key not in ("argv", "prog")}
+
+
+def git_commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def plot_curves(history, path, title):
+    """Loss and accuracy per epoch, as a PNG, when matplotlib is installed (it is optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    epochs = [row["epoch"] for row in history]
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for split in ("train", "val"):
+        if history and history[-1][f"{split}_loss"] is not None:
+            loss_ax.plot(epochs, [row[f"{split}_loss"] for row in history], "o-", label=split)
+            acc_ax.plot(epochs, [100 * row[f"{split}_accuracy"] for row in history], "o-", label=split)
+    loss_ax.set(xlabel="epoch", ylabel="loss", title=f"{title}: loss")
+    acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title=f"{title}: accuracy")
+    loss_ax.legend()
+    acc_ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+PROGRAM = "cifar10-report"  # marks checkpoints written by this project's training scripts
+
+
+def checkpoint(name, model, optimizer, scheduler, gen, args, history, test_accuracy=None):
+    """Everything a resumed run needs, in types that torch.load(weights_only=True) accepts."""
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {
+        "program": PROGRAM, "model_name": name, "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "epoch": history[-1]["epoch"], "history": history, "config": config_of(args),
+        "rng": {"torch": torch.get_rng_state(), "cuda": cuda_states, "data": gen.get_state()},
+        "test_accuracy": test_accuracy,
+    }
+
+
+def save_atomic(path, write):
+    """write(file) to a temp file in the same folder, fsync it, then rename it over `path`.
+
+    A crash, Ctrl-C or full disk mid-write leaves the previous file whole: a rename within
+    one folder either happens entirely or not at all.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(error, OSError):
+            raise UserError(f"could not write {path} ({error.strerror or error}); "
+                            f"the previous version, if any, is intact") from None
+        raise
+
+
+def save_checkpoint(state, path):
+    save_atomic(path, lambda f: torch.save(state, f))
+
+
+def write_json(path, obj):
+    save_atomic(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def load_checkpoint(path):
+    """Load a checkpoint of this project without running any code stored in it.
+
+    weights_only=True unpickles tensors and plain containers only, so a file built to run
+    code when unpickled is refused, not executed. Every problem is one UserError line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise UserError(f"checkpoint {path} is empty")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).strip().splitlines()[0][:150]
+        raise UserError(f"{path} was refused by the safe loader: it is not a plain checkpoint "
+                        f"({reason})") from None
+    except Exception as error:
+        raise UserError(f"{path} is truncated or not a PyTorch checkpoint "
+                        f"({type(error).__name__})") from None
+    if not isinstance(state, dict) or state.get("program") != PROGRAM:
+        raise UserError(f"{path} was not written by train_cnn.py or train_resnet.py")
+    return state
+
+
+def restore(path, name, model, optimizer, scheduler, gen, args):
+    """Load a checkpoint into the run's objects; returns (next epoch, history so far)."""
+    state = load_checkpoint(path)
+    if state["model_name"] != name:
+        raise UserError(f"{path} is a checkpoint of {state['model_name']}, not {name}: "
+                        f"resume it with its own script")
+    for key in RUN_SETTINGS:
+        saved, now = state["config"].get(key), getattr(args, key)
+        if saved != now:
+            flag = "--" + key.replace("_", "-")
+            raise UserError(f"{path} was made with {flag} {saved}, this run has {flag} {now}: "
+                            f"resume with the checkpoint's settings")
+    if state["epoch"] >= args.epochs:
+        raise UserError(f"{path} already finished all {args.epochs} epochs; "
+                        f"evaluate it with: python evaluate.py {path}")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if state["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    gen.set_state(state["rng"]["data"])
+    return state["epoch"] + 1, state["history"]
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def predict(model, images, augment=augment_none, gen=None):
+    """Logits (float32) for uint8 images, in eval mode, EVAL_BATCH images at a time."""
+    model.eval()
+    logits = [torch.zeros(0, NUM_CLASSES, device=images.device)]
+    for start in range(0, len(images), EVAL_BATCH):
+        batch = channels_last(augment(images[start:start + EVAL_BATCH], gen))
+        with autocast(images.device):
+            logits.append(model(batch).float())
+    return torch.cat(logits)
+
+
+def loss_and_accuracy(logits, labels):
+    loss = F.cross_entropy(logits, labels).item()
+    return loss, (logits.argmax(dim=1) == labels).float().mean().item()
+
+
+def repeated_accuracies(model, images, labels, augment, repeats, seed=0):
+    """The report's test protocol: the test set through the training augmentation, `repeats` times.
+
+    A pass can only differ from the next if it is random, which a clean test pass is not.
+    """
+    gen = torch.Generator(images.device).manual_seed(seed)
+    return [loss_and_accuracy(predict(model, images, augment, gen), labels)[1] for _ in range(repeats)]
+
+
+def tta_accuracy(model, images, labels):
+    """Test-time augmentation done right: average the predicted probabilities of each image
+    and its mirror image, then take the most probable class."""
+    probs = predict(model, images).softmax(dim=1) + predict(model, images.flip(-1)).softmax(dim=1)
+    return (probs.argmax(dim=1) == labels).float().mean().item()
