@@ -69,3 +69,17 @@ def real_data_dir(tmp_path_factory):
         return folder
     pytest.skip("real CIFAR-10 not available: set CIFAR10_DIR to a folder holding "
                 "cifar-10-batches-py (.ci/run prepares one from ../shared/cifar10)")
+
+
+@pytest.fixture(scope="session")
+def real_cnn_run(real_data_dir, tmp_path_factory):
+    """The issue's learning check, run once: the CNN, 5,000 real training images, 2 epochs.
+
+    Returns (summary dict, output folder). About 100 s on a 2-core CPU.
+    """
+    import train_cnn
+
+    out = tmp_path_factory.mktemp("real_cnn")
+    result = train_cnn.main(["--subset", "5000", "--epochs", "2", "--data-dir", str(real_data_dir),
+                             "--out", str(out)])
+    return result, out

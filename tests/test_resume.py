@@ -1,0 +1,135 @@
+"""Long runs survive interruption: exact resume, atomic saves, Ctrl-C, NaN, mismatched checkpoints."""
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import common
+import train_cnn
+import train_resnet
+from conftest import ROOT
+
+
+def run_args(data_dir, out, *extra):
+    return ["--data-dir", str(data_dir), "--out", str(out), "--val-size", "100", "--epochs", "2", *extra]
+
+
+def without_seconds(history):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
+def test_resume_ends_exactly_where_a_straight_run_ends(tiny_data_dir, tmp_path, capsys):
+    straight = train_cnn.main(run_args(tiny_data_dir, tmp_path / "straight"))
+    assert train_cnn.main(run_args(tiny_data_dir, tmp_path / "split", "--stop-after", "1")) is None
+    printed = capsys.readouterr().out
+    assert "stopped after epoch 1 of 2" in printed and "--resume" in printed
+    halfway = torch.load(tmp_path / "split" / "cnn.pt", weights_only=True)
+    assert halfway["epoch"] == 1 and halfway["test_accuracy"] is None
+    resumed = train_cnn.main(run_args(tiny_data_dir, tmp_path / "split", "--resume",
+                                      str(tmp_path / "split" / "cnn.pt")))
+    a = torch.load(tmp_path / "straight" / "cnn.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "cnn.pt", weights_only=True)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert without_seconds(straight["history"]) == without_seconds(resumed["history"])
+    assert straight["test_accuracy"] == resumed["test_accuracy"]
+    assert torch.equal(a["rng"]["data"], b["rng"]["data"])
+
+
+def test_a_checkpoint_of_the_other_model_is_refused(tiny_data_dir, tmp_path):
+    train_cnn.main(run_args(tiny_data_dir, tmp_path, "--stop-after", "1"))
+    with pytest.raises(common.UserError, match="checkpoint of cnn, not resnet9"):
+        train_resnet.main(run_args(tiny_data_dir, tmp_path, "--resume", str(tmp_path / "cnn.pt")))
+
+
+@pytest.mark.parametrize("changed, message", [(["--max-lr", "0.02"], "--max-lr 0.01, this run has --max-lr 0.02"),
+                                              (["--seed", "5"], "--seed 0, this run has --seed 5"),
+                                              (["--aug", "none"], "--aug seed, this run has --aug none")])
+def test_a_checkpoint_with_other_settings_is_refused(changed, message, tiny_data_dir, tmp_path):
+    train_cnn.main(run_args(tiny_data_dir, tmp_path, "--stop-after", "1"))
+    with pytest.raises(common.UserError, match=message):
+        train_cnn.main(run_args(tiny_data_dir, tmp_path, *changed, "--resume", str(tmp_path / "cnn.pt")))
+
+
+def test_a_finished_run_is_not_resumed(tiny_data_dir, tmp_path):
+    train_cnn.main(run_args(tiny_data_dir, tmp_path, "--epochs", "1"))
+    with pytest.raises(common.UserError, match="already finished"):
+        train_cnn.main(run_args(tiny_data_dir, tmp_path, "--epochs", "1", "--resume", str(tmp_path / "cnn.pt")))
+
+
+def test_ctrl_c_keeps_the_last_epoch_and_prints_the_resume_command(tiny_data_dir, tmp_path):
+    """SIGINT a training subprocess after its first checkpoint; then resume by the printed command."""
+    checkpoint = tmp_path / "cnn.pt"
+    command = [sys.executable, "train_cnn.py", *run_args(tiny_data_dir, tmp_path, "--epochs", "200")]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not checkpoint.exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    assert checkpoint.exists(), "no checkpoint appeared"
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert "Traceback" not in err and "interrupted during epoch" in err
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["epoch"] >= 1 and f"holds epoch {saved['epoch']}" in err
+    resume = shlex.split(err.split("resume with: ")[1].strip())
+    assert resume[:2] == ["python", "train_cnn.py"] and resume[-2:] == ["--resume", str(checkpoint)]
+    done = subprocess.run([sys.executable, *resume[1:], "--stop-after", str(saved["epoch"] + 1)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    assert f"resumed {checkpoint} after epoch {saved['epoch']}" in done.stdout
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == saved["epoch"] + 1
+
+
+def test_a_failed_write_leaves_the_old_checkpoint(tiny_data_dir, tmp_path, monkeypatch):
+    path = tmp_path / "cnn.pt"
+    common.save_checkpoint({"version": 1}, path)
+
+    def fail_rename(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", fail_rename)
+    with pytest.raises(common.UserError, match="could not write .*No space left.*intact"):
+        common.save_checkpoint({"version": 2}, path)
+    assert torch.load(path, weights_only=True) == {"version": 1}
+    assert list(tmp_path.iterdir()) == [path]  # the temp file is cleaned up
+
+
+def test_a_writer_killed_midway_leaves_the_old_checkpoint(tmp_path):
+    """A process killed in the middle of writing a large checkpoint: the old one still loads."""
+    path = tmp_path / "cnn.pt"
+    common.save_checkpoint({"version": 1}, path)
+    writer = ("import sys, torch, common\n"
+              "common.save_checkpoint({'big': torch.zeros(300_000_000, dtype=torch.uint8)}, sys.argv[1])\n")
+    process = subprocess.Popen([sys.executable, "-c", writer, str(path)], cwd=ROOT)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".cnn.pt.*.tmp")) and time.time() < deadline:
+        time.sleep(0.01)
+    process.kill()
+    process.wait()
+    assert torch.load(path, weights_only=True) == {"version": 1}
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_data_dir, tmp_path,
+                                                                             monkeypatch):
+    forward = train_cnn.CNN.forward
+    calls = {"train": 0}
+
+    def poisoned(self, x):
+        out = forward(self, x)
+        if self.training:
+            calls["train"] += 1
+            if calls["train"] == 12:  # epoch 2 (8 batches an epoch), batch 4
+                return out * float("nan")
+        return out
+
+    monkeypatch.setattr(train_cnn.CNN, "forward", poisoned)
+    with pytest.raises(common.UserError, match=r"non-finite loss at epoch 2, batch 4; .*cnn.pt holds epoch 1"):
+        train_cnn.main(run_args(tiny_data_dir, tmp_path))
+    saved = torch.load(tmp_path / "cnn.pt", weights_only=True)
+    assert saved["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
