@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -790,7 +791,9 @@ def load_checkpoint(path):
     if path.stat().st_size == 0:
         raise UserError(f"checkpoint {path} is empty")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickles: we say it in one line
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         reason = str(error).strip().splitlines()[0][:150]
         raise UserError(f"{path} was refused by the safe loader: it is not a plain checkpoint "
@@ -834,7 +837,7 @@ def restore(path, name, model, optimizer, scheduler, gen, args):
 def predict(model, images, augment=augment_none, gen=None):
     """Logits (float32) for uint8 images, in eval mode, EVAL_BATCH images at a time."""
     model.eval()
-    logits = [torch.zeros(0, NUM_CLASSES, device=images.device)]
+    logits = []
     for start in range(0, len(images), EVAL_BATCH):
         batch = channels_last(augment(images[start:start + EVAL_BATCH], gen))
         with autocast(images.device):
