@@ -18,9 +18,11 @@ import os
 import pickle
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -476,7 +478,7 @@ def parse_args(description, argv=None, prog=None):
     p.add_argument("--dry-run", action="store_true",
                    help="check the whole run in seconds: 1 epoch, 128 training, 100 val and 500 test images")
     args = p.parse_args(argv)
-    args.prog, args.argv = p.prog, list(sys.argv[1:] if argv is None else argv)  # for resume_hint
+    args.prog, args.argv = p.prog, list(sys.argv[1:] if argv is None else argv)  # for next_step
     if args.dry_run:
         args.epochs, args.subset, args.val_size = 1, 128, 100
     for flag in ("epochs", "batch_size"):
@@ -623,23 +625,25 @@ def fit(name, model, optimizer, scheduler, data, args):
         print(f"resumed {args.resume} after epoch {first - 1}")
     forward = torch.compile(model) if args.compile else model
     last = args.epochs if args.stop_after is None else min(args.epochs, args.stop_after)
+    saved = (args.resume, first - 1) if args.resume else (None, 0)  # the checkpoint on disk
     try:
         for epoch in range(first, last + 1):
             history.append(run_epoch(forward, optimizer, scheduler, data, gen, epoch, args))
             print(format_row(history[-1], args.epochs), flush=True)
-            state = checkpoint(name, model, optimizer, scheduler, gen, args, history)
-            save_checkpoint(state, paths["checkpoint"])
-            write_json(paths["json"], summary(name, model, args, history))
+            with ctrl_c_deferred():  # a Ctrl-C now lands after the files are written
+                save_checkpoint(checkpoint(name, model, optimizer, scheduler, gen, args, history),
+                                paths["checkpoint"])
+                saved = (paths["checkpoint"], epoch)
+                write_json(paths["json"], summary(name, model, args, history))
+        if last < args.epochs:
+            print(f"stopped after epoch {last} of {args.epochs}; {next_step(saved, args)}")
+            return None
+        return finish(name, model, forward, optimizer, scheduler, gen, data, args, history, paths)
     except KeyboardInterrupt:
-        print(f"\ninterrupted during epoch {len(history) + 1}; {kept(paths, history)}"
-              f"{resume_hint(paths, history, args)}", file=sys.stderr)
+        print(f"\ninterrupted; {next_step(saved, args)}", file=sys.stderr)
         sys.exit(130)
     except NonFiniteLoss as error:
-        raise UserError(f"{error}; {kept(paths, history)} (try a lower --max-lr)") from None
-    if last < args.epochs:
-        print(f"stopped after epoch {last} of {args.epochs}{resume_hint(paths, history, args)}")
-        return None
-    return finish(name, model, forward, optimizer, scheduler, gen, data, args, history, paths)
+        raise UserError(f"{error}; {next_step(saved, args)} (try a lower --max-lr)") from None
 
 
 def finish(name, model, forward, optimizer, scheduler, gen, data, args, history, paths):
@@ -663,23 +667,21 @@ def output_paths(out, name):
             "curves": out / f"{name}_curves.png"}
 
 
-def kept(paths, history):
-    if history:
-        return f"{paths['checkpoint']} holds epoch {history[-1]['epoch']}"
-    return "no epoch finished, so nothing was saved"
-
-
-def resume_hint(paths, history, args):
-    """The exact command that continues the run: the same flags, plus --resume."""
-    if not history:
-        return ""
+def next_step(saved, args):
+    """What is on disk, and the exact command that continues: the same flags, plus --resume."""
+    path, epoch = saved
+    if not epoch:
+        return "no epoch finished, so nothing was saved"
+    if epoch == args.epochs:
+        return f"{path} holds all {epoch} epochs; evaluate it with: python evaluate.py {path}"
     argv, skip = [], False
     for arg in args.argv:  # drop an earlier --resume/--stop-after and their values
         if skip or arg.split("=")[0] in ("--resume", "--stop-after"):
             skip = not skip and "=" not in arg
             continue
         argv.append(arg)
-    return "\nresume with: " + shlex.join(["python", args.prog, *argv, "--resume", str(paths["checkpoint"])])
+    command = shlex.join(["python", args.prog, *argv, "--resume", str(path)])
+    return f"{path} holds epoch {epoch}\nresume with: {command}"
 
 
 def summary(name, model, args, history, test_accuracy=None):
@@ -769,6 +771,23 @@ def save_atomic(path, write):
             raise UserError(f"could not write {path} ({error.strerror or error}); "
                             f"the previous version, if any, is intact") from None
         raise
+
+
+@contextlib.contextmanager
+def ctrl_c_deferred():
+    """Hold SIGINT back while the block runs, so that the checkpoint and the record of it agree.
+
+    Where signals cannot be blocked (Windows, a thread other than the main one), the atomic
+    write alone still keeps the previous checkpoint whole.
+    """
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def save_checkpoint(state, path):
