@@ -165,6 +165,8 @@ def load_data(data_dir, device, val_size, subset=0, dry_run=False):
     train_idx, val_idx = split_train_val(train_y, val_size)
     if len(train_idx) == 0:
         raise UserError(f"--val-size {val_size} leaves no training images")
+    if subset > len(train_idx):
+        raise UserError(f"--subset {subset} is more than the {len(train_idx):,} training images")
     if subset:
         train_idx = train_idx[:subset]
     if dry_run:  # a check of the code, not a measurement: a slice of the test set will do

@@ -165,3 +165,8 @@ def test_dry_run_of_each_script(script, name, tiny_data_dir, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "Epoch: 1/1" in done.stdout and "test accuracy" in done.stdout
     assert torch.load(tmp_path / f"{name}.pt", weights_only=True)["epoch"] == 1
+
+
+def test_a_subset_larger_than_the_training_set_is_refused(tiny_data_dir, tmp_path):
+    with pytest.raises(common.UserError, match="--subset 501 is more than the 500 training images"):
+        train_cnn.main(tiny_args(tiny_data_dir, tmp_path, "--subset", "501"))
