@@ -68,9 +68,12 @@ def load_cifar10(data_dir):
     if not folder.is_dir():
         _fetch_archive(data_dir)
     meta = _read_pickle(folder / "batches.meta")
-    classes = [_text(name) for name in meta["label_names"]]
-    if len(classes) != NUM_CLASSES:
-        raise UserError(f"{folder / 'batches.meta'} lists {len(classes)} classes, expected 10")
+    names = meta.get("label_names")
+    if not isinstance(names, (list, tuple)):
+        raise UserError(f"{folder / 'batches.meta'} has no list of label_names: not CIFAR-10's")
+    if len(names) != NUM_CLASSES:
+        raise UserError(f"{folder / 'batches.meta'} lists {len(names)} classes, expected 10")
+    classes = [_text(name) for name in names]
     train_x, train_y = _read_batches([folder / name for name in TRAIN_FILES])
     test_x, test_y = _read_batches([folder / "test_batch"])
     return train_x, train_y, test_x, test_y, classes
@@ -122,8 +125,12 @@ def _read_batches(paths):
         batch = _read_pickle(path)
         if "data" not in batch or "labels" not in batch:
             raise UserError(f"{path} has no 'data' or 'labels' entry: not a CIFAR-10 batch file")
-        data = torch.as_tensor(batch["data"])
-        label = torch.as_tensor(batch["labels"], dtype=torch.int64)
+        try:
+            data = torch.as_tensor(batch["data"])
+            label = torch.as_tensor(batch["labels"], dtype=torch.int64)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise UserError(f"{path}: 'data' or 'labels' is not an array of numbers "
+                            f"({type(error).__name__}): not a CIFAR-10 batch file") from None
         if data.dtype != torch.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
             raise UserError(f"{path}: images have shape {tuple(data.shape)} and type {data.dtype}, "
                             f"expected (N, 3072) uint8")
@@ -232,8 +239,9 @@ def sample_crops(n, gen, device, size=IMAGE_SIZE):
 
 def sample_erasures(n, gen, device, size=IMAGE_SIZE):
     """RandomErasing.get_params for n images: (top, left, height, width); 0x0 when none fits."""
-    h, w, found = sample_boxes(n, size * size, ERASE_SCALE, ERASE_RATIO,
-                               lambda h, w: (h < size) & (w < size), gen, device)
+    # RandomErasing's ratio is height / width, RandomResizedCrop's width / height: swap.
+    w, h, found = sample_boxes(n, size * size, ERASE_SCALE, ERASE_RATIO,
+                               lambda w, h: (h < size) & (w < size), gen, device)
     h, w = h * found, w * found
     return _randint_below(size - h + 1, gen), _randint_below(size - w + 1, gen), h, w
 
@@ -241,23 +249,28 @@ def sample_erasures(n, gen, device, size=IMAGE_SIZE):
 def resample(images, top, left, height, width, degrees, flip):
     """Crop each box, resize it to full size, rotate it and maybe flip it: ONE bilinear resampling.
 
-    affine_grid maps each output pixel (normalised coordinates in [-1, 1]) to where it is
-    read from: flip its x, rotate it, scale it to the box, shift it to the box centre.
-    torchvision would resample twice (bilinear crop, then a nearest-neighbour rotation);
-    one pass is faster and blurs less. Pixels rotated in from outside are 0 (black), as
-    RandomRotation's default fill.
+    For each output pixel (normalised coordinates in [-1, 1]): flip its x and rotate it, which
+    gives where it lies in the resized crop; what falls outside the crop is 0 (black), as
+    RandomRotation's default fill after the crop; the rest is read from the box, clamped to the
+    box's edge pixels as a resize does. torchvision resamples twice (bilinear crop, then a
+    nearest-neighbour rotation); one pass is faster and blurs less.
     """
     n, _, size, _ = images.shape
     angle = torch.deg2rad(degrees)
     cos, sin = torch.cos(angle), torch.sin(angle)
     sign = 1.0 - 2.0 * flip.to(images.dtype)  # -1 mirrors x
-    sx, sy = width / size, height / size
-    theta = torch.stack([
-        torch.stack([sx * cos * sign, -sx * sin, (2 * left + width) / size - 1], dim=1),
-        torch.stack([sy * sin * sign, sy * cos, (2 * top + height) / size - 1], dim=1),
-    ], dim=1)
-    grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    zero = torch.zeros_like(cos)
+    rotate = torch.stack([torch.stack([cos * sign, -sin, zero], dim=1),
+                          torch.stack([sin * sign, cos, zero], dim=1)], dim=1)
+    in_crop = F.affine_grid(rotate.to(images.dtype), list(images.shape), align_corners=False)
+    inside = (in_crop.abs() <= 1).all(dim=-1).unsqueeze(1)
+    box = torch.stack([width, height], dim=1).view(n, 1, 1, 2)  # (x, y) order, as grids are
+    centre = torch.stack([2 * left + width, 2 * top + height], dim=1).view(n, 1, 1, 2) / size - 1
+    edge = 1 - 1 / box  # the box's outermost pixel centres, in the crop's coordinates
+    grid = centre + box / size * torch.maximum(torch.minimum(in_crop, edge), -edge)
+    out = F.grid_sample(images, grid.to(images.dtype), mode="bilinear", padding_mode="zeros",
+                        align_corners=False)
+    return out * inside
 
 
 def _grayscale(images):
