@@ -12,6 +12,7 @@ Functions take what they use and return numbers; the scripts do the printing.
 """
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -250,26 +251,27 @@ def resample(images, top, left, height, width, degrees, flip):
     """Crop each box, resize it to full size, rotate it and maybe flip it: ONE bilinear resampling.
 
     For each output pixel (normalised coordinates in [-1, 1]): flip its x and rotate it, which
-    gives where it lies in the resized crop; what falls outside the crop is 0 (black), as
-    RandomRotation's default fill after the crop; the rest is read from the box, clamped to the
-    box's edge pixels as a resize does. torchvision resamples twice (bilinear crop, then a
-    nearest-neighbour rotation); one pass is faster and blurs less.
+    gives (u, v), where it lies in the resized crop. What falls outside the crop is 0 (black),
+    as RandomRotation's default fill after the crop; the rest is read from the box, clamped to
+    the box's edge pixels as a resize does. torchvision resamples twice (bilinear crop, then a
+    nearest-neighbour rotation); one pass is faster and blurs less. The coordinates are
+    built as separate x and y planes: ops on (n, 32, 32, 2) grids are slow on CPUs.
     """
     n, _, size, _ = images.shape
-    angle = torch.deg2rad(degrees)
+    angle = torch.deg2rad(degrees).view(n, 1, 1)
     cos, sin = torch.cos(angle), torch.sin(angle)
-    sign = 1.0 - 2.0 * flip.to(images.dtype)  # -1 mirrors x
-    zero = torch.zeros_like(cos)
-    rotate = torch.stack([torch.stack([cos * sign, -sin, zero], dim=1),
-                          torch.stack([sin * sign, cos, zero], dim=1)], dim=1)
-    in_crop = F.affine_grid(rotate.to(images.dtype), list(images.shape), align_corners=False)
-    inside = (in_crop.abs() <= 1).all(dim=-1).unsqueeze(1)
-    box = torch.stack([width, height], dim=1).view(n, 1, 1, 2)  # (x, y) order, as grids are
-    centre = torch.stack([2 * left + width, 2 * top + height], dim=1).view(n, 1, 1, 2) / size - 1
-    edge = 1 - 1 / box  # the box's outermost pixel centres, in the crop's coordinates
-    grid = centre + box / size * torch.maximum(torch.minimum(in_crop, edge), -edge)
-    out = F.grid_sample(images, grid.to(images.dtype), mode="bilinear", padding_mode="zeros",
-                        align_corners=False)
+    sign = 1.0 - 2.0 * flip.to(images.dtype).view(n, 1, 1)  # -1 mirrors x
+    centres = (2 * torch.arange(size, dtype=images.dtype, device=images.device) + 1) / size - 1
+    x, y = centres.view(1, 1, size), centres.view(1, size, 1)
+    u = (cos * sign) * x - sin * y
+    v = (sin * sign) * x + cos * y
+    inside = ((u.abs() <= 1) & (v.abs() <= 1)).unsqueeze(1)
+    w, h = width.view(n, 1, 1), height.view(n, 1, 1)
+    edge_x, edge_y = 1 - 1 / w, 1 - 1 / h  # the box's outermost pixel centres, in crop coordinates
+    grid_x = (2 * left.view(n, 1, 1) + w) / size - 1 + w / size * u.clamp(-edge_x, edge_x)
+    grid_y = (2 * top.view(n, 1, 1) + h) / size - 1 + h / size * v.clamp(-edge_y, edge_y)
+    grid = torch.stack([grid_x, grid_y], dim=-1).to(images.dtype)
+    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return out * inside
 
 
@@ -279,35 +281,42 @@ def _grayscale(images):
 
 
 def _blend(images, other, factor):
-    return (factor.view(-1, 1, 1, 1) * images + (1 - factor.view(-1, 1, 1, 1)) * other).clamp(0, 1)
+    """factor * images + (1 - factor) * other, clamped to [0, 1]: how torchvision adjusts colour."""
+    return torch.lerp(other, images, factor.view(-1, 1, 1, 1)).clamp_(0, 1)
 
 
 def _blurred(images):
     """torchvision's adjust_sharpness degenerate image: a 3x3 smoothing, borders kept."""
-    kernel = torch.ones(3, 3, dtype=images.dtype, device=images.device)
-    kernel[1, 1] = 5.0
-    kernel = (kernel / 13).expand(3, 1, 3, 3)
-    inner = F.conv2d(images, kernel, groups=3)
-    return torch.cat([images[..., :1, :], torch.cat(
-        [images[..., 1:-1, :1], inner, images[..., 1:-1, -1:]], dim=-1), images[..., -1:, :]], dim=-2)
+    kernel = torch.tensor([[1.0, 1, 1], [1, 5, 1], [1, 1, 1]], device=images.device) / 13
+    blurred = images.clone()
+    blurred[..., 1:-1, 1:-1] = F.conv2d(images, kernel.to(images.dtype).expand(3, 1, 3, 3), groups=3)
+    return blurred
 
 
 def color_jitter(images, gen):
     """With p=JITTER_P per image: brightness, contrast, saturation and sharpness, in that order.
 
-    Each is torchvision's blend with a reference image (black, mean grey, greyscale,
-    blurred), so the whole batch is computed and `torch.where` keeps the chosen images:
-    no data-dependent shapes, no GPU sync.
+    Each is torchvision's blend with a reference image (black, mean grey, greyscale, blurred).
+    The result is the same on every device; only the way to compute it differs. On a GPU
+    the whole batch is computed and `torch.where` keeps the chosen images, since picking
+    them out (`nonzero`) would make the GPU wait; on a CPU only the ~10% chosen are computed.
     """
     n, device = len(images), images.device
     chosen = torch.rand(n, generator=gen, device=device) < JITTER_P
-    brightness, contrast, saturation, sharpness = (
-        _uniform(n, 1 - JITTER, 1 + JITTER, gen, device) for _ in range(4))
-    out = _blend(images, torch.zeros_like(images), brightness)
+    factors = _uniform(4 * n, 1 - JITTER, 1 + JITTER, gen, device).view(4, n)
+    if images.is_cuda:
+        return torch.where(chosen.view(-1, 1, 1, 1), _jitter(images, *factors), images)
+    picked = chosen.nonzero().squeeze(1)
+    out = images.clone()
+    out[picked] = _jitter(images[picked], *factors[:, picked])
+    return out
+
+
+def _jitter(images, brightness, contrast, saturation, sharpness):
+    out = (images * brightness.view(-1, 1, 1, 1)).clamp_(0, 1)  # a blend with black
     out = _blend(out, _grayscale(out).mean(dim=(1, 2, 3), keepdim=True), contrast)
     out = _blend(out, _grayscale(out), saturation)
-    out = _blend(out, _blurred(out), sharpness)
-    return torch.where(chosen.view(-1, 1, 1, 1), out, images)
+    return _blend(out, _blurred(out), sharpness)
 
 
 def erase(images, gen):
@@ -317,10 +326,9 @@ def erase(images, gen):
     chosen = torch.rand(n, generator=gen, device=device) < ERASE_P
     top, left, h, w = (t.view(n, 1) for t in sample_erasures(n, gen, device, size))
     pos = torch.arange(size, device=device).view(1, size)
-    rows = (pos >= top) & (pos < top + h)
+    rows = (pos >= top) & (pos < top + h) & chosen.view(n, 1)  # an image not chosen has no rows
     cols = (pos >= left) & (pos < left + w)
-    box = rows.view(n, 1, size, 1) & cols.view(n, 1, 1, size) & chosen.view(n, 1, 1, 1)
-    return images.masked_fill(box, 0.0)
+    return images.masked_fill(rows.view(n, 1, size, 1) & cols.view(n, 1, 1, size), 0.0)
 
 
 def to_float(images):
@@ -332,7 +340,7 @@ def normalize(images):
     """The report's Normalize(0.5, 0.5) for float [0, 1] images: -> [-1, 1]."""
     mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
-    return (images - mean) / std
+    return (images - mean).div_(std)
 
 
 def augment_seed(images, gen):
@@ -468,10 +476,13 @@ RUN_SETTINGS = ("epochs", "batch_size", "max_lr", "weight_decay", "grad_clip", "
                 "aug", "val_size", "subset", "seed", "device", "dry_run")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows each default, and the script's docstring as it is written."""
+
+
 def parse_args(description, argv=None, prog=None):
     """The training scripts' command line, with the report's settings as defaults."""
-    p = argparse.ArgumentParser(prog=prog, description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
     p.add_argument("--epochs", type=int, default=20, help="training epochs")
     p.add_argument("--batch-size", type=int, default=64, help="images per training step")
     p.add_argument("--max-lr", type=float, default=0.01, help="peak of the one-cycle learning rate")
@@ -512,8 +523,9 @@ def parse_args(description, argv=None, prog=None):
 
 
 def setup(args):
-    """Seed the global RNG (weight initialisation) and pick the device."""
+    """Seed the global RNG (weight initialisation), note the code's version, pick the device."""
     torch.manual_seed(args.seed)
+    git_commit()
     return torch.device(args.device)
 
 
@@ -714,11 +726,15 @@ def config_of(args):
     return {key: value for key, value in vars(args).items() if key not in ("argv", "prog")}
 
 
+@functools.cache  # read once, at setup: the code that runs is the code at the start
 def git_commit():
+    """The checkout's commit, with "+dirty" when tracked files differ from it; None outside git."""
+    def git(*words):
+        return subprocess.run(["git", *words], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
+        commit = git("rev-parse", "HEAD")
+        return (commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")) or None
     except (OSError, subprocess.SubprocessError):
         return None
 

@@ -493,3 +493,24 @@ def test_pixel_statistics_match_torchvision_pipeline(real_images, aug):
 def test_augment_none_equals_torchvision_pipeline(real_images):
     peer = torchvision_outputs(real_images[:500], "none", seed=0)
     assert torch.allclose(common.augment_none(real_images[:500]), peer, atol=1e-6)
+
+
+def test_each_colour_change_is_torchvisions():
+    """brightness, contrast, saturation and sharpness, batched, equal torchvision's per image."""
+    images = torch.rand(6, 3, SIZE, SIZE, generator=gen(11))
+    factors = torch.tensor([0.8, 0.9, 1.0, 1.05, 1.15, 1.2])
+    ours = {
+        "brightness": (images * factors.view(-1, 1, 1, 1)).clamp(0, 1),
+        "contrast": common._blend(images, common._grayscale(images).mean(dim=(1, 2, 3), keepdim=True), factors),
+        "saturation": common._blend(images, common._grayscale(images), factors),
+        "sharpness": common._blend(images, common._blurred(images), factors),
+    }
+    for name, batched in ours.items():
+        adjust = getattr(TF, f"adjust_{name}")
+        reference = torch.stack([adjust(image, float(f)) for image, f in zip(images, factors)])
+        assert torch.allclose(batched, reference, atol=1e-6), name
+    jittered = common._jitter(images, factors, factors, factors, factors)
+    expected = images
+    for name in ("brightness", "contrast", "saturation", "sharpness"):
+        expected = torch.stack([getattr(TF, f"adjust_{name}")(image, float(f)) for image, f in zip(expected, factors)])
+    assert torch.allclose(jittered, expected, atol=1e-5)

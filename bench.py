@@ -1,0 +1,333 @@
+"""Race the batched augmentation against torchvision, and measure what it costs a training step.
+
+    python bench.py                          # cuda if available, else cpu; CIFAR-10 from data/
+    python bench.py --device cpu --json runs/bench_cpu.json --data-dir /tmp/cifar
+    python bench.py --device cuda --json runs/bench_cuda.json --model cnn
+
+Three measurements, side by side in one process, all of the report's pipeline (--aug seed)
+on batches of 64 images:
+  (a) batched      common.augment_seed on uint8 batches already on the device, every image
+                   with its own random parameters from a generator on the device. After a
+                   warm-up; on CUDA the clock is read only after a synchronize.
+  (b) torchvision  common.torchvision_pipeline("seed") applied one image at a time by a
+                   DataLoader with 2 worker processes, as a Colab notebook does. Timed: one
+                   full pass over the same images, from creating the iterator (the workers
+                   start then, as at every epoch of a notebook) to the last batch received on
+                   the CPU. It starts from uint8 tensors, not the PIL images a notebook's
+                   CIFAR10 dataset gives, and the copy to the GPU is not counted: both only
+                   flatter (b).
+  (c) step         seconds per training step of a real model, (1) bare: a fixed, already
+                   normalised batch on the device; (2) full: the training loop's path, a
+                   permuted slice of the uint8 images on the device, augment_seed, forward,
+                   loss, backward, clip_grad_value_(0.1), Adam, OneCycle. On CUDA with the
+                   training's bf16 autocast and channels_last.
+                   pipeline overhead = (full - bare) / full.
+
+Goals from the issue: augment_speedup = (a) / (b) of at least 10 on a 2-core CPU, and a
+pipeline overhead under 10% of a step on a GPU. Without CIFAR-10 in --data-dir, random uint8
+images are used instead (the output and the JSON say so): the timings barely depend on content.
+Another busy process skews every number here, (a) most: its many small operations each split
+across all the CPU's threads, and when one core is busy each waits for the slowest thread
+(measured on 2 cores: 154 images/s instead of 9,400 with OMP_NUM_THREADS=1). The load average
+is recorded and a warning printed; rerun when the machine is idle.
+"""
+import argparse
+import itertools
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from torch.utils.data import DataLoader, Dataset
+
+import common
+from train_cnn import CNN
+from train_resnet import ResNet9
+
+BATCH = 64  # the report's batch size (common.parse_args's default)
+WORKERS = 2  # a Colab notebook's DataLoader(num_workers=2)
+TRAIN_IMAGES = 50_000  # the size of the random stand-in for CIFAR-10's training set
+ROUNDS = 3  # (c) alternates bare and full blocks this many times and keeps the medians
+MODELS = {"cnn": CNN, "resnet9": ResNet9}
+# Defaults by device: a ResNet9 step takes about 1.1 s on a 2-core CPU and milliseconds on a
+# GPU, and the default run should stay within about 3 minutes on the CPU.
+DEFAULTS = {"cpu": {"images": 10_000, "steps": 5, "warmup_steps": 1},
+            "cuda": {"images": 50_000, "steps": 100, "warmup_steps": 10}}
+BUSY_LOAD = 0.5  # a load average above this at the start means another process is competing
+AUGMENT_WARMUP = 5  # batches before (a)'s clock starts: first calls allocate and load kernels
+
+
+class HelpFormatter(common.HelpFormatter):
+    """--help shows each default, and the docstring above with its layout kept."""
+
+    def _get_help_string(self, action):  # no "(default: None)": those helps say what happens
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="bench.py", description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where (a) and (c) run; (b) always runs on the CPU, as in a notebook")
+    p.add_argument("--json", metavar="FILE", help="also write the numbers to this JSON file (default: none)")
+    p.add_argument("--data-dir", default="data",
+                   help="folder holding cifar-10-batches-py (random images when it is missing)")
+    p.add_argument("--images", type=int, help="images augmented by (a) and by (b) "
+                   f"(default by device: {DEFAULTS['cpu']['images']:,} on cpu, {DEFAULTS['cuda']['images']:,} on cuda)")
+    p.add_argument("--steps", type=int, help="timed training steps per block in (c), "
+                   f"{ROUNDS} blocks each of bare and full "
+                   f"(default by device: {DEFAULTS['cpu']['steps']} on cpu, {DEFAULTS['cuda']['steps']} on cuda)")
+    p.add_argument("--model", choices=sorted(MODELS), default="resnet9", help="the model trained in (c)")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU is available here (use --device cpu or auto)")
+    args.device = common.resolve_device(args.device)
+    defaults = DEFAULTS[args.device.type]
+    args.images = defaults["images"] if args.images is None else args.images
+    args.steps = defaults["steps"] if args.steps is None else args.steps
+    args.warmup_steps = defaults["warmup_steps"]
+    if not BATCH <= args.images <= TRAIN_IMAGES:
+        p.error(f"--images must be between {BATCH} and {TRAIN_IMAGES:,}, got {args.images}")
+    if not 0 < args.steps <= 1000:  # 1000 keeps (c) inside the one-cycle schedule's 15,640 steps
+        p.error(f"--steps must be between 1 and 1000, got {args.steps}")
+    return args
+
+
+# ----------------------------------------------------------------------------- data
+
+def load_images(data_dir):
+    """CIFAR-10's training images and labels (uint8, CPU) and where they came from.
+
+    A bench should not start a 170 MB download, so a missing folder means random images.
+    """
+    data_dir = Path(data_dir)
+    if (data_dir / "cifar-10-batches-py").is_dir() or (data_dir / common.CIFAR10_TGZ).is_file():
+        train_x, train_y, *_ = common.load_cifar10(data_dir)
+        return train_x, train_y, "cifar10"
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (TRAIN_IMAGES, 3, 32, 32), generator=gen, dtype=torch.uint8)
+    labels = torch.randint(0, common.NUM_CLASSES, (TRAIN_IMAGES,), generator=gen)
+    return images, labels, "random"
+
+
+def load_average():
+    """The 1-minute load average before the bench starts (None where the OS has none, e.g.
+    Windows). Above ~0.5 another process is busy, and on a 2-core CPU that skews every number."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def synchronize(device):
+    """Wait for the GPU to finish what was queued: CUDA calls return before the work is done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- (a) batched
+
+def time_batched(images, device):
+    """Images per second of common.augment_seed, batch by batch over `images` on `device`."""
+    images = images.to(device)
+    gen = torch.Generator(device).manual_seed(0)
+    for _ in range(AUGMENT_WARMUP):
+        common.augment_seed(images[:BATCH], gen)
+    synchronize(device)
+    start = time.perf_counter()
+    for first in range(0, len(images), BATCH):
+        common.augment_seed(images[first:first + BATCH], gen)
+    synchronize(device)
+    return len(images) / (time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------------- (b) torchvision
+
+class PerImage(Dataset):
+    """uint8 (3, 32, 32) image tensors and labels, each image transformed when it is fetched."""
+
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.transform(self.images[i]), self.labels[i]
+
+
+def time_torchvision(images, labels):
+    """(images per second, seconds to the first batch) of one pass of the notebook's loader."""
+    transform = common.torchvision_pipeline("seed")
+    for image in images[:BATCH]:  # warm-up: lazy imports and first calls, inherited by the workers
+        transform(image)
+    loader = DataLoader(PerImage(images, labels, transform), batch_size=BATCH, shuffle=True,
+                        num_workers=WORKERS)
+    start = time.perf_counter()
+    first_batch = None
+    for _ in loader:  # iter(loader) starts the worker processes: their start-up is timed too
+        if first_batch is None:
+            first_batch = time.perf_counter() - start
+    return len(images) / (time.perf_counter() - start), first_batch
+
+
+# ----------------------------------------------------------------------------- (c) training step
+
+def make_step(name, device):
+    """A function that takes one training step, as common.train_epoch does (less its loss and
+    accuracy bookkeeping), on a fresh model with the report's optimizer and schedule."""
+    settings = common.parse_args(None, [])  # the training scripts' defaults: the report's settings
+    torch.manual_seed(0)
+    model = MODELS[name]().to(device).train()
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)  # as train_*.py
+    optimizer = torch.optim.Adam(model.parameters(), lr=settings.max_lr, weight_decay=settings.weight_decay)
+    steps = common.steps_per_epoch(TRAIN_IMAGES, settings.batch_size)
+    scheduler = common.one_cycle(optimizer, settings.max_lr, settings.epochs, steps)
+
+    def step(inputs, targets):
+        with common.autocast(device):
+            loss = torch.nn.functional.cross_entropy(model(inputs), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        common.clip_gradients(model, settings.grad_clip, settings.clip_norm)
+        optimizer.step()
+        scheduler.step()
+
+    return step
+
+
+def bare_batches(images, labels):
+    """The same normalised batch, already on the device, at every step: no data handling."""
+    inputs = common.channels_last(common.augment_none(images[:BATCH]))
+    return itertools.repeat((inputs, labels[:BATCH]))
+
+
+def full_batches(images, labels, gen):
+    """The training loop's data path (common.train_epoch): a permutation per pass over the
+    images, then per step a slice of it, gathered from the uint8 images and augmented."""
+    while True:
+        order = torch.randperm(len(labels), generator=gen, device=labels.device)
+        for first in range(0, len(labels) - BATCH + 1, BATCH):
+            batch = order[first:first + BATCH]
+            yield common.channels_last(common.augment_seed(images[batch], gen)), labels[batch]
+
+
+def time_steps(step, batches, steps, device):
+    """Seconds per step over `steps` steps. No sync inside the loop, as in training: the CPU
+    may queue the next batch's augmentation while the GPU still runs the previous step."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(*next(batches))
+    synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
+def time_training(name, images, labels, device, steps, warmup_steps):
+    """Median seconds per step, {"bare": ..., "full": ...}.
+
+    Blocks of bare and full steps alternate, so a burst of load from another process hits
+    one round of both rather than one of the two; the median drops that round.
+    """
+    step = make_step(name, device)
+    images, labels = images.to(device), labels.to(device)
+    gen = torch.Generator(device).manual_seed(0)
+    sources = {"bare": bare_batches(images, labels), "full": full_batches(images, labels, gen)}
+    for batches in sources.values():
+        time_steps(step, batches, warmup_steps, device)
+    times = {kind: [] for kind in sources}
+    for _ in range(ROUNDS):
+        for kind, batches in sources.items():
+            times[kind].append(time_steps(step, batches, steps, device))
+    return {kind: statistics.median(seconds) for kind, seconds in times.items()}
+
+
+# ----------------------------------------------------------------------------- report
+
+def measure(args):
+    """All three measurements; returns what the JSON holds."""
+    load = load_average()
+    images, labels, source = load_images(args.data_dir)
+    sample = slice(0, args.images)  # (a) and (b) see the same images
+    batched = time_batched(images[sample], args.device)
+    torchvision_rate, first_batch = time_torchvision(images[sample], labels[sample])
+    step = time_training(args.model, images, labels, args.device, args.steps, args.warmup_steps)
+    speedup = batched / torchvision_rate
+    overhead = (step["full"] - step["bare"]) / step["full"]
+    return {
+        "augment_speedup": speedup,
+        "batched_images_per_s": batched,
+        "torchvision_images_per_s": torchvision_rate,
+        "torchvision_first_batch_s": first_batch,
+        "step_seconds_bare": step["bare"],
+        "step_seconds_full": step["full"],
+        "pipeline_overhead": overhead,
+        "augment_share_of_step": BATCH / batched / step["full"],  # (a)'s time per batch, alone
+        "model": args.model, "device": common.device_name(args.device), "device_type": args.device.type,
+        "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "load_average": load,
+        "data": source, "data_dir": str(args.data_dir),
+        "images": args.images, "batch_size": BATCH, "workers": WORKERS, "steps_per_block": args.steps,
+        "rounds": ROUNDS, "warmup_steps": args.warmup_steps, "augment_warmup_batches": AUGMENT_WARMUP,
+        # each goal is judged on the kind of device it was set for, and is null on the other
+        "goals": {"augment_speedup_at_least_10_on_cpu": judge(speedup >= 10, args.device.type, "cpu"),
+                  "pipeline_overhead_under_10pct_on_gpu": judge(overhead < 0.10, args.device.type, "cuda")},
+    }
+
+
+def judge(met, device_type, goal_device):
+    """True/False for a goal set for this kind of device, None for one set for the other kind."""
+    return bool(met) if device_type == goal_device else None
+
+
+def row(label, value, note=""):
+    return f"  {label:<52}{value:>12}  {note}".rstrip()
+
+
+def goal_note(goal, met):
+    return f"goal {goal}: " + {True: "met", False: "MISSED", None: "not judged on this device"}[met]
+
+
+def table(r):
+    """The printed summary: one row per number, the goal beside the two that have one."""
+    data = ("CIFAR-10 training images" if r["data"] == "cifar10"
+            else f"RANDOM uint8 images: no CIFAR-10 in {r['data_dir']}")
+    goals = r["goals"]
+    return "\n".join([
+        f"device: {r['device']}, torch {r['torch']}, torchvision {r['torchvision']}",
+        f"data: {data}",
+        f"augmentation (the report's), {r['images']:,} images in batches of {r['batch_size']}"
+        .ljust(54) + "images/s".rjust(12),
+        row(f"(a) batched, common.augment_seed on {r['device_type']}", f"{r['batched_images_per_s']:,.0f}"),
+        row(f"(b) torchvision per image, DataLoader, {r['workers']} workers",
+            f"{r['torchvision_images_per_s']:,.0f}",
+            f"one pass incl. worker start-up (first batch {r['torchvision_first_batch_s']:.2f} s)"),
+        row("augment_speedup (a) / (b)", f"{r['augment_speedup']:.1f}x",
+            goal_note(">= 10x on CPU", goals["augment_speedup_at_least_10_on_cpu"])),
+        f"training step, {r['model']}, median of {r['rounds']} blocks of {r['steps_per_block']} steps"
+        .ljust(54) + "s/step".rjust(12),
+        row("(1) bare: a fixed normalised batch on the device", f"{r['step_seconds_bare']:.4f}"),
+        row("(2) full: permuted slice, augment_seed, step", f"{r['step_seconds_full']:.4f}"),
+        row("pipeline overhead (full - bare) / full", f"{100 * r['pipeline_overhead']:.1f}%",
+            goal_note("< 10% on GPU", goals["pipeline_overhead_under_10pct_on_gpu"])),
+        row("(a)'s time for one batch / full step", f"{100 * r['augment_share_of_step']:.1f}%",
+            "the same cost, estimated without subtracting two noisy times"),
+    ])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    result = measure(args)
+    print(table(result))
+    if result["load_average"] is not None and result["load_average"] > BUSY_LOAD:
+        print(f"WARNING: load average {result['load_average']:.1f} when the bench started: another "
+              f"process was using the CPU, so these timings may be skewed; rerun when it is idle")
+    if result["pipeline_overhead"] < 0:
+        print("note: a negative overhead means the difference is below the timing noise")
+    if args.json:
+        common.write_json(args.json, result)
+        print(f"saved {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    common.cli(main)
