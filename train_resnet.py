@@ -54,7 +54,7 @@ def main(argv=None):
     args = common.parse_args(__doc__, argv, prog="train_resnet.py")
     device = common.setup(args)
     # data: uint8 tensors on the training device for the whole run
-    data, classes = common.load_data(args.data_dir, device, args.val_size, args.subset, args.dry_run)
+    data, _ = common.load_data(args.data_dir, device, args.val_size, args.subset, args.dry_run)
     # model, and its layer table to hold against the report's
     model = ResNet9().to(device)
     print(common.layer_table(model, device))
