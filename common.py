@@ -41,6 +41,8 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"  # torch
 CIFAR10_TGZ = "cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"  # md5 of the official archive (torchvision's)
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
+UMASK = os.umask(0o022)  # reading the umask means setting it: read it once and put it back
+os.umask(UMASK)
 
 
 class UserError(Exception):
@@ -48,11 +50,15 @@ class UserError(Exception):
 
 
 def cli(main):
-    """Run main(); a UserError becomes `<script>: error: ...` on stderr and exit code 1."""
+    """Run main(); a UserError becomes `<script>: error: ...` on stderr and exit code 1, Ctrl-C exit 130."""
+    name = Path(sys.argv[0]).name
     try:
         return main()
     except UserError as error:
-        sys.exit(f"{Path(sys.argv[0]).name}: error: {error}")
+        sys.exit(f"{name}: error: {error}")
+    except KeyboardInterrupt:  # outside the training loop, which handles its own
+        print(f"\n{name}: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 # ----------------------------------------------------------------------------- data
@@ -98,7 +104,11 @@ def _fetch_archive(data_dir):
     if not check_integrity(str(archive), CIFAR10_MD5):
         raise UserError(f"{archive} is incomplete or corrupt (md5 is not the official "
                         f"{CIFAR10_MD5}); delete it and download it again")
-    extract_archive(str(archive), str(data_dir))
+    try:
+        extract_archive(str(archive), str(data_dir))
+    except Exception as error:  # a full disk, a damaged archive that passed the md5 by chance...
+        raise UserError(f"could not extract {archive} into {data_dir} ({type(error).__name__}: "
+                        f"{error}); free some space or delete the archive and download it again") from None
 
 
 def _read_pickle(path):
@@ -482,7 +492,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 def parse_args(description, argv=None, prog=None):
     """The training scripts' command line, with the report's settings as defaults."""
-    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter,
+                                allow_abbrev=False)  # so next_step can find --resume and --stop-after
     p.add_argument("--epochs", type=int, default=20, help="training epochs")
     p.add_argument("--batch-size", type=int, default=64, help="images per training step")
     p.add_argument("--max-lr", type=float, default=0.01, help="peak of the one-cycle learning rate")
@@ -502,11 +513,13 @@ def parse_args(description, argv=None, prog=None):
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in this checkpoint")
     p.add_argument("--stop-after", type=int, metavar="K", help="end cleanly after epoch K (resume later)")
     p.add_argument("--dry-run", action="store_true",
-                   help="check the whole run in seconds: 1 epoch, 128 training, 100 val and 500 test images")
+                   help="check the whole run in seconds: 1 epoch, 128 training, 100 val and 500 test "
+                        "images, saved under OUT/dry-run")
     args = p.parse_args(argv)
     args.prog, args.argv = p.prog, list(sys.argv[1:] if argv is None else argv)  # for next_step
     if args.dry_run:
         args.epochs, args.subset, args.val_size = 1, 128, 100
+        args.out = str(Path(args.out) / "dry-run")  # never over a real run's files
     for flag in ("epochs", "batch_size"):
         if getattr(args, flag) <= 0:
             p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
@@ -646,10 +659,15 @@ def fit(name, model, optimizer, scheduler, data, args):
     device = torch.device(args.device)
     gen = torch.Generator(device).manual_seed(args.seed)  # epoch order and augmentation
     paths = output_paths(args.out, name)
+    if not args.resume and paths["checkpoint"].exists():  # a new run must not replace a saved one
+        raise UserError(f"{paths['checkpoint']} exists: continue it with --resume "
+                        f"{paths['checkpoint']}, or choose another --out (or delete it)")
     first, history = 1, []
     if args.resume:
         first, history = restore(args.resume, name, model, optimizer, scheduler, gen, args)
         print(f"resumed {args.resume} after epoch {first - 1}")
+        if args.stop_after is not None and args.stop_after < first:
+            raise UserError(f"--stop-after {args.stop_after}: {args.resume} already holds epoch {first - 1}")
     forward = torch.compile(model) if args.compile else model
     last = args.epochs if args.stop_after is None else min(args.epochs, args.stop_after)
     saved = (args.resume, first - 1) if args.resume else (None, 0)  # the checkpoint on disk
@@ -669,8 +687,8 @@ def fit(name, model, optimizer, scheduler, data, args):
     except KeyboardInterrupt:
         print(f"\ninterrupted; {next_step(saved, args)}", file=sys.stderr)
         sys.exit(130)
-    except NonFiniteLoss as error:
-        raise UserError(f"{error}; {next_step(saved, args)} (try a lower --max-lr)") from None
+    except NonFiniteLoss as error:  # resuming would replay the same steps into the same NaN
+        raise UserError(f"{error}; {on_disk(saved)}; start a new run with a lower --max-lr") from None
 
 
 def finish(name, model, forward, optimizer, scheduler, gen, data, args, history, paths):
@@ -681,9 +699,9 @@ def finish(name, model, forward, optimizer, scheduler, gen, data, args, history,
     save_checkpoint(state, paths["checkpoint"])
     result = summary(name, model, args, history, test_accuracy)
     write_json(paths["json"], result)
-    plotted = plot_curves(history, paths["curves"], name)
     print(f"test accuracy (clean, {len(test_y):,} images): {100 * test_accuracy:.2f}%  "
           f"train time: {result['train_seconds']:.0f} s")
+    plotted = plot_curves(history, paths["curves"], name)
     print(f"saved {paths['checkpoint']}, {paths['json']}" + (f", {paths['curves']}" if plotted else ""))
     return result
 
@@ -694,11 +712,16 @@ def output_paths(out, name):
             "curves": out / f"{name}_curves.png"}
 
 
+def on_disk(saved):
+    path, epoch = saved
+    return f"{path} holds epoch {epoch}" if epoch else "no epoch finished, so nothing was saved"
+
+
 def next_step(saved, args):
     """What is on disk, and the exact command that continues: the same flags, plus --resume."""
     path, epoch = saved
     if not epoch:
-        return "no epoch finished, so nothing was saved"
+        return on_disk(saved)
     if epoch == args.epochs:
         return f"{path} holds all {epoch} epochs; evaluate it with: python evaluate.py {path}"
     argv, skip = [], False
@@ -708,7 +731,7 @@ def next_step(saved, args):
             continue
         argv.append(arg)
     command = shlex.join(["python", args.prog, *argv, "--resume", str(path)])
-    return f"{path} holds epoch {epoch}\nresume with: {command}"
+    return f"{on_disk(saved)}\nresume with: {command}"
 
 
 def summary(name, model, args, history, test_accuracy=None):
@@ -758,8 +781,13 @@ def plot_curves(history, path, title):
     loss_ax.legend()
     acc_ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=100)
+    except OSError as error:  # a plot is not worth failing a finished run for
+        print(f"could not write {path} ({error}); skipped", file=sys.stderr)
+        return False
+    finally:
+        plt.close(fig)
     return True
 
 
@@ -770,7 +798,8 @@ PROGRAM = "cifar10-report"  # marks checkpoints written by this project's traini
 
 def checkpoint(name, model, optimizer, scheduler, gen, args, history, test_accuracy=None):
     """Everything a resumed run needs, in types that torch.load(weights_only=True) accepts."""
-    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    # Training draws from `gen`; the global CUDA generator is saved for whatever else might.
+    cuda_states = [torch.cuda.get_rng_state()] if args.device == "cuda" else []
     return {
         "program": PROGRAM, "model_name": name, "model": model.state_dict(),
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -786,18 +815,20 @@ def save_atomic(path, write):
     A crash, Ctrl-C or full disk mid-write leaves the previous file whole: a rename within
     one folder either happens entirely or not at all.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    path, tmp = Path(path), None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes it private; give it a normal file's mode
         os.replace(tmp, path)
     except BaseException as error:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        if tmp:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         if isinstance(error, OSError):
             raise UserError(f"could not write {path} ({error.strerror or error}); "
                             f"the previous version, if any, is intact") from None
@@ -806,19 +837,20 @@ def save_atomic(path, write):
 
 @contextlib.contextmanager
 def ctrl_c_deferred():
-    """Hold SIGINT back while the block runs, so that the checkpoint and the record of it agree.
-
-    Where signals cannot be blocked (Windows, a thread other than the main one), the atomic
-    write alone still keeps the previous checkpoint whole.
-    """
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    """Hold a Ctrl-C back while the block runs, then raise it: the checkpoint and the record of
+    it agree. (Blocking the signal would not do: the kernel may hand it to one of torch's
+    threads.) Only the main thread can set handlers; elsewhere the atomic write must do."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    pending = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pending.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        raise KeyboardInterrupt
 
 
 def save_checkpoint(state, path):
@@ -871,12 +903,15 @@ def restore(path, name, model, optimizer, scheduler, gen, args):
     if state["epoch"] >= args.epochs:
         raise UserError(f"{path} already finished all {args.epochs} epochs; "
                         f"evaluate it with: python evaluate.py {path}")
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as error:
+        raise UserError(f"{path}: its weights do not fit {name} ({str(error).splitlines()[0][:100]})") from None
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
     if state["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        torch.cuda.set_rng_state(state["rng"]["cuda"][0])
     gen.set_state(state["rng"]["data"])
     return state["epoch"] + 1, state["history"]
 

@@ -2,14 +2,14 @@
 
     python evaluate.py runs/resnet9.pt                      # one model
     python evaluate.py runs/cnn.pt runs/resnet9.pt          # side by side, with a verdict
-    python evaluate.py runs/cnn.pt --repeats 10 --tta --out eval.json
+    python evaluate.py runs/cnn.pt --repeats 10 --tta --out eval.json   # --repeats 10 on a CPU
 
 For each checkpoint it reports:
   test_accuracy   clean: the 10,000 test images, normalisation only. This is the number.
   repeated        the report's protocol: the test set through the TRAINING augmentation,
                   --repeats times. Only a random test pass can differ from pass to pass,
-                  which is why the report's 100 runs could average to anything but the
-                  clean accuracy: its 44.53% / 66.02% are accuracies on distorted images.
+                  so the report's 100 passes averaged the accuracy on distorted images,
+                  not the clean accuracy: that is what its 44.53% / 66.02% are.
   tta_accuracy    repeated passes done right (--tta): average each image's predicted
                   probabilities with its mirror image's, then decide.
   train_accuracy  clean accuracy on the images the model trained on: what the report's
@@ -76,8 +76,9 @@ def evaluate(path, args, device):
     test_x, test_y = data["test"]
     start = time.perf_counter()
     logits = common.predict(model, test_x)
-    one_pass = time.perf_counter() - start
     correct = logits.argmax(dim=1) == test_y
+    correct.any().item()  # waits for a GPU to finish, so the clock below is honest
+    one_pass = time.perf_counter() - start
     result = {
         "checkpoint": str(path), "model": state["model_name"], "params": common.count_params(model),
         "epochs": state["epoch"], "aug": config["aug"],
@@ -192,6 +193,10 @@ def main(argv=None):
         plot_confusion(r)
     output = results[0]
     if len(results) == 2:
+        sizes = [len(r["correct"]) for r in results]
+        if sizes[0] != sizes[1]:
+            raise common.UserError(f"the two checkpoints were tested on {sizes[0]:,} and {sizes[1]:,} "
+                                   f"images (a --dry-run uses 500): compare runs of the same kind")
         table, judged = compare(*results)
         print("\n" + table + "\n\n" + judged["text"])
         output = {"checkpoints": results, "comparison": judged}

@@ -81,5 +81,5 @@ def real_cnn_run(real_data_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("real_cnn")
     result = train_cnn.main(["--subset", "5000", "--epochs", "2", "--data-dir", str(real_data_dir),
-                             "--out", str(out)])
+                             "--out", str(out), "--device", "cpu"])
     return result, out

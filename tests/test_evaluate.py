@@ -18,7 +18,7 @@ from conftest import ROOT
 def runs(tiny_data_dir, tmp_path_factory):
     """A CNN (2 epochs) and a ResNet9 (dry run) trained on the tiny dataset."""
     out = tmp_path_factory.mktemp("runs")
-    common_args = ["--data-dir", str(tiny_data_dir), "--out", str(out), "--val-size", "100"]
+    common_args = ["--data-dir", str(tiny_data_dir), "--out", str(out), "--val-size", "100", "--device", "cpu"]
     cnn = train_cnn.main([*common_args, "--epochs", "2"])
     resnet = train_resnet.main([*common_args, "--epochs", "1", "--subset", "64"])
     return {"dir": out, "data": tiny_data_dir, "cnn": cnn, "resnet9": resnet}

@@ -16,7 +16,8 @@ from conftest import ROOT
 
 
 def run_args(data_dir, out, *extra):
-    return ["--data-dir", str(data_dir), "--out", str(out), "--val-size", "100", "--epochs", "2", *extra]
+    return ["--data-dir", str(data_dir), "--out", str(out), "--val-size", "100", "--epochs", "2",
+            "--device", "cpu", *extra]
 
 
 def without_seconds(history):
@@ -128,8 +129,30 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny
         return out
 
     monkeypatch.setattr(train_cnn.CNN, "forward", poisoned)
-    with pytest.raises(common.UserError, match=r"non-finite loss at epoch 2, batch 4; .*cnn.pt holds epoch 1"):
+    with pytest.raises(common.UserError, match=r"non-finite loss at epoch 2, batch 4; .*cnn.pt holds epoch 1; "
+                                               r"start a new run with a lower --max-lr"):
         train_cnn.main(run_args(tiny_data_dir, tmp_path))
     saved = torch.load(tmp_path / "cnn.pt", weights_only=True)
     assert saved["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+
+
+def test_ctrl_c_while_saving_lands_after_the_save():
+    """The interrupt is held back until the block ends, even with torch's threads running."""
+    torch.set_num_threads(2)
+    torch.ones(256, 256) @ torch.ones(256, 256)  # start torch's worker threads
+    finished = []
+    with pytest.raises(KeyboardInterrupt):
+        with common.ctrl_c_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)  # the signal arrives while the "save" is still going on
+            finished.append(True)
+    assert finished == [True]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
+
+
+def test_stop_after_an_epoch_the_checkpoint_already_holds_is_refused(tiny_data_dir, tmp_path):
+    train_cnn.main(run_args(tiny_data_dir, tmp_path, "--epochs", "3", "--stop-after", "2"))
+    with pytest.raises(common.UserError, match="--stop-after 1: .* already holds epoch 2"):
+        train_cnn.main(run_args(tiny_data_dir, tmp_path, "--epochs", "3", "--stop-after", "1",
+                                "--resume", str(tmp_path / "cnn.pt")))

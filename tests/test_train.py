@@ -19,7 +19,8 @@ REPORT_LR = [0.00104, 0.00280, 0.00520, 0.00760, 0.00936, 0.01000, 0.00987, 0.00
 
 
 def tiny_args(data_dir, out, *extra):
-    return ["--data-dir", str(data_dir), "--out", str(out), "--val-size", "100", "--epochs", "2", *extra]
+    return ["--data-dir", str(data_dir), "--out", str(out), "--val-size", "100", "--epochs", "2",
+            "--device", "cpu", *extra]
 
 
 @pytest.mark.parametrize("model, params, rows", [(train_cnn.CNN, 1_125_258, 12),
@@ -132,7 +133,7 @@ def test_checkpoint_and_json_contents(tiny_data_dir, tmp_path, capsys):
 
 def test_val_size_zero_trains_on_everything(tiny_data_dir, tmp_path, capsys):
     result = train_cnn.main(["--data-dir", str(tiny_data_dir), "--out", str(tmp_path),
-                             "--val-size", "0", "--epochs", "1"])
+                             "--val-size", "0", "--epochs", "1", "--device", "cpu"])
     assert result["history"][0]["val_accuracy"] is None
     assert "val_loss: -, val_accuracy: -" in capsys.readouterr().out
 
@@ -161,10 +162,20 @@ def test_cuda_without_a_gpu_is_refused(capsys):
 @pytest.mark.parametrize("script, name", [("train_cnn.py", "cnn"), ("train_resnet.py", "resnet9")])
 def test_dry_run_of_each_script(script, name, tiny_data_dir, tmp_path):
     done = subprocess.run([sys.executable, script, "--dry-run", "--data-dir", str(tiny_data_dir),
-                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                           "--out", str(tmp_path), "--device", "cpu"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "Epoch: 1/1" in done.stdout and "test accuracy" in done.stdout
-    assert torch.load(tmp_path / f"{name}.pt", weights_only=True)["epoch"] == 1
+    assert torch.load(tmp_path / "dry-run" / f"{name}.pt", weights_only=True)["epoch"] == 1
+    assert not (tmp_path / f"{name}.pt").exists()  # a dry run never lands on a real run's files
+
+
+def test_a_new_run_does_not_replace_a_saved_one(tiny_data_dir, tmp_path):
+    train_cnn.main(tiny_args(tiny_data_dir, tmp_path, "--epochs", "1"))
+    before = (tmp_path / "cnn.pt").read_bytes()
+    with pytest.raises(common.UserError, match="cnn.pt exists: continue it with --resume"):
+        train_cnn.main(tiny_args(tiny_data_dir, tmp_path, "--epochs", "1"))
+    assert (tmp_path / "cnn.pt").read_bytes() == before
 
 
 def test_a_subset_larger_than_the_training_set_is_refused(tiny_data_dir, tmp_path):
