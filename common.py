@@ -214,6 +214,13 @@ PAD = 4  # the `standard` augmentation: 4-pixel padded random crop
 GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
 
+@functools.cache
+def _constant(values, device, dtype=torch.float32):
+    """A small constant tensor, made once per device: building it from a Python list every
+    batch would be a host-to-device copy on every training step of a GPU run."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
 def _uniform(n, low, high, gen, device):
     return low + (high - low) * torch.rand(n, generator=gen, device=device)
 
@@ -286,7 +293,7 @@ def resample(images, top, left, height, width, degrees, flip):
 
 
 def _grayscale(images):
-    weights = torch.tensor(GRAY, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    weights = _constant(GRAY, images.device, images.dtype).view(1, 3, 1, 1)
     return (images * weights).sum(dim=1, keepdim=True)
 
 
@@ -297,9 +304,9 @@ def _blend(images, other, factor):
 
 def _blurred(images):
     """torchvision's adjust_sharpness degenerate image: a 3x3 smoothing, borders kept."""
-    kernel = torch.tensor([[1.0, 1, 1], [1, 5, 1], [1, 1, 1]], device=images.device) / 13
+    kernel = _constant(((1, 1, 1), (1, 5, 1), (1, 1, 1)), images.device, images.dtype) / 13
     blurred = images.clone()
-    blurred[..., 1:-1, 1:-1] = F.conv2d(images, kernel.to(images.dtype).expand(3, 1, 3, 3), groups=3)
+    blurred[..., 1:-1, 1:-1] = F.conv2d(images, kernel.expand(3, 1, 3, 3), groups=3)
     return blurred
 
 
@@ -348,8 +355,8 @@ def to_float(images):
 
 def normalize(images):
     """The report's Normalize(0.5, 0.5) for float [0, 1] images: -> [-1, 1]."""
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
+    mean = _constant(MEAN, images.device).view(1, 3, 1, 1)
+    std = _constant(STD, images.device).view(1, 3, 1, 1)
     return (images - mean).div_(std)
 
 
