@@ -468,16 +468,73 @@ def resolve_device(name):
     return torch.device(name)
 
 
-def autocast(device):
-    """bfloat16 autocast on CUDA; float32 on CPU (bf16 autocast on many CPUs is >10x slower)."""
+# --precision: what the hardware does natively. Emulated bfloat16 is slower than float32.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_bf16_unit():
+    """The CPU's bfloat16 matrix instructions ("AMX" or "AVX512-BF16"), or None.
+
+    Not torch.ops.mkldnn._is_mkldnn_bf16_supported(): it says yes on any AVX-512 CPU,
+    including those that only emulate bfloat16, slowly.
+    """
+    capabilities = getattr(torch.cpu, "get_capabilities", None)  # public from torch 2.10 or so
+    if capabilities is None:
+        return None
+    found = capabilities()
+    for key, unit in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16")):
+        if found.get(key):
+            return unit
+    return None
+
+
+def cuda_capability(device):
+    return torch.cuda.get_device_capability(device)
+
+
+def choose_precision(device, requested="auto"):
+    """(precision, why) for --precision on this device: "auto" picks what it does natively."""
+    device = torch.device(device)
+    if requested != "auto":
+        return requested, f"--precision {requested}"
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+        major, minor = cuda_capability(device)
+        if major >= 8:  # Ampere and later: bfloat16 tensor cores
+            return "bf16", f"CUDA compute capability {major}.{minor}: native bfloat16"
+        # T4 (7.5), V100 (7.0): no native bfloat16 (emulated or refused), but float16 tensor cores
+        return "fp16", f"CUDA compute capability {major}.{minor}: no native bfloat16, float16 with a gradient scaler"
+    if device.type == "cpu":
+        unit = cpu_bf16_unit()
+        if unit:
+            return "bf16", f"CPU with {unit}"
+        return "fp32", "CPU without bfloat16 instructions, where bfloat16 is emulated and slower"
+    return "fp32", f"{device.type}: float32"
 
 
-def channels_last(batch):
-    """NHWC memory layout on CUDA, where cuDNN's convolutions run fastest with it."""
-    return batch.contiguous(memory_format=torch.channels_last) if batch.is_cuda else batch
+def autocast(device, precision):
+    """Mixed precision for the forward pass: matrix products in bf16/fp16, the rest float32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=AUTOCAST_DTYPES[precision])
+
+
+def uses_channels_last(device, precision):
+    """NHWC memory layout where its kernels are faster: cuDNN's, and oneDNN's bf16/fp16 ones
+    on the CPU. float32 on the CPU keeps PyTorch's default layout."""
+    return torch.device(device).type == "cuda" or precision != "fp32"
+
+
+def to_layout(batch, precision):
+    """A batch in the memory layout the model was put in (see uses_channels_last)."""
+    if uses_channels_last(batch.device, precision):
+        return batch.contiguous(memory_format=torch.channels_last)
+    return batch
+
+
+def grad_scaler(device, precision):
+    """float16 gradients underflow: scale the loss up, unscale before clipping. None otherwise."""
+    return torch.amp.GradScaler(torch.device(device).type) if precision == "fp16" else None
 
 
 def device_name(device):
@@ -490,7 +547,7 @@ def device_name(device):
 
 # The settings that decide what a run computes: a resumed run must match them all.
 RUN_SETTINGS = ("epochs", "batch_size", "max_lr", "weight_decay", "grad_clip", "clip_norm",
-                "aug", "val_size", "subset", "seed", "device", "dry_run")
+                "aug", "val_size", "subset", "seed", "device", "precision", "dry_run")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -513,10 +570,15 @@ def parse_args(description, argv=None, prog=None):
                    help="training images held out for validation (0: train on all 50,000 as the report)")
     p.add_argument("--subset", type=int, default=0, help="train on only this many images (0: all)")
     p.add_argument("--seed", type=int, default=0, help="random seed for weights, order and augmentation")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="where to train")
+    p.add_argument("--device", choices=DEVICES, default="auto",
+                   help="where to train (auto: cuda if there is one, else cpu; mps is untested)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="arithmetic: auto picks bf16 on GPUs and CPUs with native bfloat16, fp16 "
+                        "(with a gradient scaler) on older GPUs such as Colab's T4, else fp32")
     p.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py (downloaded if missing)")
     p.add_argument("--out", default="runs", help="folder for the checkpoint, JSON and curves")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (CUDA; fixed shapes: a few graphs, each compiled once)")
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in this checkpoint")
     p.add_argument("--stop-after", type=int, metavar="K", help="end cleanly after epoch K (resume later)")
     p.add_argument("--dry-run", action="store_true",
@@ -536,16 +598,31 @@ def parse_args(description, argv=None, prog=None):
         p.error("--val-size and --subset must not be negative")
     if args.stop_after is not None and not 0 < args.stop_after:
         p.error(f"--stop-after must be positive, got {args.stop_after}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA GPU is available here (use --device cpu or auto)")
+    check_device(p, args.device)
     args.device = str(resolve_device(args.device))
+    args.precision, args.precision_reason = choose_precision(args.device, args.precision)
     return args
+
+
+DEVICES = ["auto", "cpu", "cuda", "mps"]
+
+
+def check_device(parser, name):
+    """--device cuda/mps where there is none: argparse's one-line error, before any work."""
+    if name == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is available here (use --device cpu or auto)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        parser.error("--device mps: no Apple GPU is available here (use --device cpu or auto)")
 
 
 def setup(args):
     """Seed the global RNG (weight initialisation), note the code's version, pick the device."""
     torch.manual_seed(args.seed)
     git_commit()
+    if torch.device(args.device).type == "cuda":
+        torch.backends.cudnn.benchmark = True  # every shape is fixed: pick the fastest kernels once
+    print(f"device: {device_name(torch.device(args.device))}, precision: {args.precision} "
+          f"({args.precision_reason})")
     return torch.device(args.device)
 
 
@@ -600,8 +677,13 @@ class Progress:
             print("\r" + " " * 70 + "\r", end="", flush=True)
 
 
-def train_epoch(model, optimizer, scheduler, images, labels, gen, epoch, args):
-    """One pass over the training images in a fresh random order; returns the epoch's row."""
+def train_epoch(model, optimizer, scheduler, images, labels, gen, epoch, args, scaler=None):
+    """One pass over the training images in a fresh random order; returns the epoch's row.
+
+    With fp16 a `scaler` multiplies the loss before backward, so small gradients do not
+    underflow, and divides it out again before clipping: clipping at 0.1 means what it
+    means in float32. It skips a step whose gradients overflowed, and lowers its scale.
+    """
     model.train()
     augment = AUGMENTATIONS[args.aug]
     order = torch.randperm(len(labels), generator=gen, device=labels.device)
@@ -617,15 +699,23 @@ def train_epoch(model, optimizer, scheduler, images, labels, gen, epoch, args):
     progress = Progress(epoch, steps, args.batch_size, check)
     for step in range(steps):
         batch = order[step * args.batch_size:(step + 1) * args.batch_size]
-        inputs, targets = channels_last(augment(images[batch], gen)), labels[batch]
-        with autocast(labels.device):
+        inputs, targets = to_layout(augment(images[batch], gen), args.precision), labels[batch]
+        with autocast(labels.device, args.precision):
             logits = model(inputs)
             loss = F.cross_entropy(logits, targets)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if scaler:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
         clip_gradients(model, args.grad_clip, args.clip_norm)
         last_lr = optimizer.param_groups[0]["lr"]  # the rate this batch used: the report's last_lr
-        optimizer.step()
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         scheduler.step()
         loss_sums[step] = loss.detach().float() * len(batch)
         correct += (logits.argmax(dim=1) == targets).sum()
@@ -636,14 +726,15 @@ def train_epoch(model, optimizer, scheduler, images, labels, gen, epoch, args):
             "train_accuracy": correct.item() / len(labels)}
 
 
-def run_epoch(model, optimizer, scheduler, data, gen, epoch, args):
+def run_epoch(model, optimizer, scheduler, scaler, data, gen, epoch, args):
     """Train one epoch, then measure the held-out split; returns the epoch's history row."""
     start = time.perf_counter()
-    row = train_epoch(model, optimizer, scheduler, *data["train"], gen, epoch, args)
+    row = train_epoch(model, optimizer, scheduler, *data["train"], gen, epoch, args, scaler)
     val_x, val_y = data["val"]
     row["val_loss"] = row["val_accuracy"] = None
     if len(val_y):
-        row["val_loss"], row["val_accuracy"] = loss_and_accuracy(predict(model, val_x), val_y)
+        logits = predict(model, val_x, precision=args.precision)
+        row["val_loss"], row["val_accuracy"] = loss_and_accuracy(logits, val_y)
     row["seconds"] = time.perf_counter() - start
     return row
 
@@ -665,32 +756,35 @@ def fit(name, model, optimizer, scheduler, data, args):
     """
     device = torch.device(args.device)
     gen = torch.Generator(device).manual_seed(args.seed)  # epoch order and augmentation
+    scaler = grad_scaler(device, args.precision)
     paths = output_paths(args.out, name)
     if not args.resume and paths["checkpoint"].exists():  # a new run must not replace a saved one
         raise UserError(f"{paths['checkpoint']} exists: continue it with --resume "
                         f"{paths['checkpoint']}, or choose another --out (or delete it)")
     first, history = 1, []
     if args.resume:
-        first, history = restore(args.resume, name, model, optimizer, scheduler, gen, args)
+        first, history = restore(args.resume, name, model, optimizer, scheduler, scaler, gen, args)
         print(f"resumed {args.resume} after epoch {first - 1}")
         if args.stop_after is not None and args.stop_after < first:
             raise UserError(f"--stop-after {args.stop_after}: {args.resume} already holds epoch {first - 1}")
-    forward = torch.compile(model) if args.compile else model
+    # Fixed shapes: one graph each for the training batch, the epoch's smaller last batch and
+    # the evaluation batch, compiled once; dynamic shapes would recompile slower, general code.
+    forward = torch.compile(model, dynamic=False) if args.compile else model
     last = args.epochs if args.stop_after is None else min(args.epochs, args.stop_after)
     saved = (args.resume, first - 1) if args.resume else (None, 0)  # the checkpoint on disk
     try:
         for epoch in range(first, last + 1):
-            history.append(run_epoch(forward, optimizer, scheduler, data, gen, epoch, args))
+            history.append(run_epoch(forward, optimizer, scheduler, scaler, data, gen, epoch, args))
             print(format_row(history[-1], args.epochs), flush=True)
             with ctrl_c_deferred():  # a Ctrl-C now lands after the files are written
-                save_checkpoint(checkpoint(name, model, optimizer, scheduler, gen, args, history),
+                save_checkpoint(checkpoint(name, model, optimizer, scheduler, scaler, gen, args, history),
                                 paths["checkpoint"])
                 saved = (paths["checkpoint"], epoch)
                 write_json(paths["json"], summary(name, model, args, history))
         if last < args.epochs:
             print(f"stopped after epoch {last} of {args.epochs}; {next_step(saved, args)}")
             return None
-        return finish(name, model, forward, optimizer, scheduler, gen, data, args, history, paths)
+        return finish(name, model, forward, optimizer, scheduler, scaler, gen, data, args, history, paths)
     except KeyboardInterrupt:
         print(f"\ninterrupted; {next_step(saved, args)}", file=sys.stderr)
         sys.exit(130)
@@ -698,11 +792,11 @@ def fit(name, model, optimizer, scheduler, data, args):
         raise UserError(f"{error}; {on_disk(saved)}; start a new run with a lower --max-lr") from None
 
 
-def finish(name, model, forward, optimizer, scheduler, gen, data, args, history, paths):
+def finish(name, model, forward, optimizer, scheduler, scaler, gen, data, args, history, paths):
     """Clean test accuracy on the whole test set, then the final checkpoint, JSON and curves."""
     test_x, test_y = data["test"]
-    test_accuracy = loss_and_accuracy(predict(forward, test_x), test_y)[1]
-    state = checkpoint(name, model, optimizer, scheduler, gen, args, history, test_accuracy)
+    test_accuracy = loss_and_accuracy(predict(forward, test_x, precision=args.precision), test_y)[1]
+    state = checkpoint(name, model, optimizer, scheduler, scaler, gen, args, history, test_accuracy)
     save_checkpoint(state, paths["checkpoint"])
     result = summary(name, model, args, history, test_accuracy)
     write_json(paths["json"], result)
@@ -747,13 +841,15 @@ def summary(name, model, args, history, test_accuracy=None):
         "model": name, "config": config_of(args), "params": count_params(model),
         "history": history, "test_accuracy": test_accuracy,
         "train_seconds": sum(row["seconds"] for row in history),
-        "device": device_name(torch.device(args.device)), "torch": torch.__version__,
+        "device": device_name(torch.device(args.device)), "precision": args.precision,
+        "torch": torch.__version__,
         "cuda": torch.version.cuda, "seed": args.seed, "git_commit": git_commit(),
     }
 
 
 def config_of(args):
-    return {key: value for key, value in vars(args).items() if key not in ("argv", "prog")}
+    return {key: value for key, value in vars(args).items()
+            if key not in ("argv", "prog", "precision_reason")}
 
 
 @functools.cache  # read once, at setup: the code that runs is the code at the start
@@ -803,13 +899,14 @@ def plot_curves(history, path, title):
 PROGRAM = "cifar10-report"  # marks checkpoints written by this project's training scripts
 
 
-def checkpoint(name, model, optimizer, scheduler, gen, args, history, test_accuracy=None):
+def checkpoint(name, model, optimizer, scheduler, scaler, gen, args, history, test_accuracy=None):
     """Everything a resumed run needs, in types that torch.load(weights_only=True) accepts."""
     # Training draws from `gen`; the global CUDA generator is saved for whatever else might.
     cuda_states = [torch.cuda.get_rng_state()] if args.device == "cuda" else []
     return {
         "program": PROGRAM, "model_name": name, "model": model.state_dict(),
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler else None,
         "epoch": history[-1]["epoch"], "history": history, "config": config_of(args),
         "rng": {"torch": torch.get_rng_state(), "cuda": cuda_states, "data": gen.get_state()},
         "test_accuracy": test_accuracy,
@@ -895,7 +992,7 @@ def load_checkpoint(path):
     return state
 
 
-def restore(path, name, model, optimizer, scheduler, gen, args):
+def restore(path, name, model, optimizer, scheduler, scaler, gen, args):
     """Load a checkpoint into the run's objects; returns (next epoch, history so far)."""
     state = load_checkpoint(path)
     if state["model_name"] != name:
@@ -916,6 +1013,8 @@ def restore(path, name, model, optimizer, scheduler, gen, args):
         raise UserError(f"{path}: its weights do not fit {name} ({str(error).splitlines()[0][:100]})") from None
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if scaler:
+        scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"]["torch"])
     if state["rng"]["cuda"]:
         torch.cuda.set_rng_state(state["rng"]["cuda"][0])
@@ -926,13 +1025,13 @@ def restore(path, name, model, optimizer, scheduler, gen, args):
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def predict(model, images, augment=augment_none, gen=None):
+def predict(model, images, augment=augment_none, gen=None, precision="fp32"):
     """Logits (float32) for uint8 images, in eval mode, EVAL_BATCH images at a time."""
     model.eval()
     logits = []
     for start in range(0, len(images), EVAL_BATCH):
-        batch = channels_last(augment(images[start:start + EVAL_BATCH], gen))
-        with autocast(images.device):
+        batch = to_layout(augment(images[start:start + EVAL_BATCH], gen), precision)
+        with autocast(images.device, precision):
             logits.append(model(batch).float())
     return torch.cat(logits)
 
@@ -942,17 +1041,19 @@ def loss_and_accuracy(logits, labels):
     return loss, (logits.argmax(dim=1) == labels).float().mean().item()
 
 
-def repeated_accuracies(model, images, labels, augment, repeats, seed=0):
+def repeated_accuracies(model, images, labels, augment, repeats, seed=0, precision="fp32"):
     """The report's test protocol: the test set through the training augmentation, `repeats` times.
 
     A pass can only differ from the next if it is random, which a clean test pass is not.
     """
     gen = torch.Generator(images.device).manual_seed(seed)
-    return [loss_and_accuracy(predict(model, images, augment, gen), labels)[1] for _ in range(repeats)]
+    return [loss_and_accuracy(predict(model, images, augment, gen, precision), labels)[1]
+            for _ in range(repeats)]
 
 
-def tta_accuracy(model, images, labels):
+def tta_accuracy(model, images, labels, precision="fp32"):
     """Test-time augmentation done right: average the predicted probabilities of each image
     and its mirror image, then take the most probable class."""
-    probs = predict(model, images).softmax(dim=1) + predict(model, images.flip(-1)).softmax(dim=1)
+    probs = (predict(model, images, precision=precision).softmax(dim=1)
+             + predict(model, images.flip(-1), precision=precision).softmax(dim=1))
     return (probs.argmax(dim=1) == labels).float().mean().item()

@@ -36,7 +36,9 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="one or two .pt files")
     p.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py (default: data)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: auto")
+    p.add_argument("--device", choices=common.DEVICES, default="auto", help="default: auto")
+    p.add_argument("--precision", choices=common.PRECISIONS, default="auto",
+                   help="arithmetic, as in training (default: auto, what this device does natively)")
     p.add_argument("--repeats", type=int, default=100,
                    help="passes of the report's protocol (default: 100, as the report; 0: skip)")
     p.add_argument("--seed", type=int, default=0, help="seed of the repeated passes (default: 0)")
@@ -47,8 +49,7 @@ def parse_args(argv=None):
         p.error("give one checkpoint, or two to compare")
     if args.repeats < 0:
         p.error(f"--repeats must not be negative, got {args.repeats}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA GPU is available here (use --device cpu or auto)")
+    common.check_device(p, args.device)
     return args
 
 
@@ -70,12 +71,16 @@ def evaluate(path, args, device):
     """Every measurement of one checkpoint, as a dict (the JSON's content)."""
     state = common.load_checkpoint(path)
     model = build_model(state, path).to(device)
+    if common.uses_channels_last(device, args.precision):  # the layout predict() gives its batches
+        model = model.to(memory_format=torch.channels_last)
     config = state["config"]
     data, classes = common.load_data(args.data_dir, device, config["val_size"],
                                      config["subset"], config["dry_run"])
     test_x, test_y = data["test"]
+    common.predict(model, test_x[:common.EVAL_BATCH], precision=args.precision)  # warm-up: the
+    # first call loads kernels (cuDNN/cuBLAS start-up), which would inflate the time estimate
     start = time.perf_counter()
-    logits = common.predict(model, test_x)
+    logits = common.predict(model, test_x, precision=args.precision)
     correct = logits.argmax(dim=1) == test_y
     correct.any().item()  # waits for a GPU to finish, so the clock below is honest
     one_pass = time.perf_counter() - start
@@ -87,25 +92,27 @@ def evaluate(path, args, device):
         "per_class": per_class(correct, test_y, classes),
         "confusion": confusion(logits.argmax(dim=1), test_y).tolist(),
         "repeated": None, "tta_accuracy": None,
-        "train_accuracy": accuracy(model, *data["train"]),
-        "val_accuracy": accuracy(model, *data["val"]) if len(data["val"][1]) else None,
+        "train_accuracy": accuracy(model, *data["train"], args.precision),
+        "val_accuracy": accuracy(model, *data["val"], args.precision) if len(data["val"][1]) else None,
+        "precision": args.precision,
         "classes": classes, "correct": correct.cpu(),  # "correct" is for the comparison, not the JSON
     }
     if args.repeats:
         print(f"{path}: the report's protocol, {args.repeats} passes of the training augmentation: "
               f"about {args.repeats * one_pass:.0f} s here", flush=True)
         augment = common.AUGMENTATIONS[config["aug"]]
-        accuracies = common.repeated_accuracies(model, test_x, test_y, augment, args.repeats, args.seed)
+        accuracies = common.repeated_accuracies(model, test_x, test_y, augment, args.repeats, args.seed,
+                                                args.precision)
         mean = sum(accuracies) / len(accuracies)
         std = math.sqrt(sum((a - mean) ** 2 for a in accuracies) / max(len(accuracies) - 1, 1))
         result["repeated"] = {"n": len(accuracies), "mean": mean, "std": std, "accuracies": accuracies}
     if args.tta:
-        result["tta_accuracy"] = common.tta_accuracy(model, test_x, test_y)
+        result["tta_accuracy"] = common.tta_accuracy(model, test_x, test_y, args.precision)
     return result
 
 
-def accuracy(model, images, labels):
-    return common.loss_and_accuracy(common.predict(model, images), labels)[1]
+def accuracy(model, images, labels, precision):
+    return common.loss_and_accuracy(common.predict(model, images, precision=precision), labels)[1]
 
 
 def per_class(correct, labels, classes):
@@ -187,6 +194,8 @@ def verdict(a, b):
 def main(argv=None):
     args = parse_args(argv)
     device = common.resolve_device(args.device)
+    args.precision, reason = common.choose_precision(device, args.precision)
+    print(f"device: {common.device_name(device)}, precision: {args.precision} ({reason})")
     results = [evaluate(Path(path), args, device) for path in args.checkpoints]
     for r in results:
         print(format_result(r))

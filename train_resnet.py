@@ -58,7 +58,7 @@ def main(argv=None):
     # model, and its layer table to hold against the report's
     model = ResNet9().to(device)
     print(common.layer_table(model, device))
-    if device.type == "cuda":
+    if common.uses_channels_last(device, args.precision):  # NHWC: faster bf16/fp16 convolutions
         model = model.to(memory_format=torch.channels_last)
     # optimizer and the one-cycle schedule, stepped once per batch
     optimizer = torch.optim.Adam(model.parameters(), lr=args.max_lr, weight_decay=args.weight_decay)
