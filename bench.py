@@ -19,9 +19,13 @@ on batches of 64 images:
   (c) step         seconds per training step of a real model, (1) bare: a fixed, already
                    normalised batch on the device; (2) full: the training loop's path, a
                    permuted slice of the uint8 images on the device, augment_seed, forward,
-                   loss, backward, clip_grad_value_(0.1), Adam, OneCycle. On CUDA with the
-                   training's bf16 autocast and channels_last.
+                   loss, backward, clip_grad_value_(0.1), Adam, OneCycle. At the precision
+                   the training scripts' --precision auto picks on this device.
                    pipeline overhead = (full - bare) / full.
+  (d) precision    seconds per bare step at each precision, side by side: fp32 and bf16 on
+                   every device (bf16 is emulated, and slow, on CPUs without bfloat16
+                   instructions: that is why auto picks fp32 there), fp16 on CUDA only
+                   (float16 on a CPU is emulated, some 100x slower: not timed).
 
 Goals from the issue: augment_speedup = (a) / (b) of at least 10 on a 2-core CPU, and a
 pipeline overhead under 10% of a step on a GPU. Without CIFAR-10 in --data-dir, random uint8
@@ -171,44 +175,53 @@ def time_torchvision(images, labels):
 
 # ----------------------------------------------------------------------------- (c) training step
 
-def make_step(name, device):
+def make_step(name, device, precision):
     """A function that takes one training step, as common.train_epoch does (less its loss and
     accuracy bookkeeping), on a fresh model with the report's optimizer and schedule."""
-    settings = common.parse_args(None, [])  # the training scripts' defaults: the report's settings
+    settings = common.parse_args(None, ["--device", device.type])  # the report's settings
     torch.manual_seed(0)
     model = MODELS[name]().to(device).train()
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)  # as train_*.py
+    if common.uses_channels_last(device, precision):  # as train_*.py
+        model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.max_lr, weight_decay=settings.weight_decay)
     steps = common.steps_per_epoch(TRAIN_IMAGES, settings.batch_size)
     scheduler = common.one_cycle(optimizer, settings.max_lr, settings.epochs, steps)
+    scaler = common.grad_scaler(device, precision)
 
     def step(inputs, targets):
-        with common.autocast(device):
+        with common.autocast(device, precision):
             loss = torch.nn.functional.cross_entropy(model(inputs), targets)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if scaler:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
         common.clip_gradients(model, settings.grad_clip, settings.clip_norm)
-        optimizer.step()
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         scheduler.step()
 
     return step
 
 
-def bare_batches(images, labels):
+def bare_batches(images, labels, precision):
     """The same normalised batch, already on the device, at every step: no data handling."""
-    inputs = common.channels_last(common.augment_none(images[:BATCH]))
+    inputs = common.to_layout(common.augment_none(images[:BATCH]), precision)
     return itertools.repeat((inputs, labels[:BATCH]))
 
 
-def full_batches(images, labels, gen):
+def full_batches(images, labels, gen, precision):
     """The training loop's data path (common.train_epoch): a permutation per pass over the
     images, then per step a slice of it, gathered from the uint8 images and augmented."""
     while True:
         order = torch.randperm(len(labels), generator=gen, device=labels.device)
         for first in range(0, len(labels) - BATCH + 1, BATCH):
             batch = order[first:first + BATCH]
-            yield common.channels_last(common.augment_seed(images[batch], gen)), labels[batch]
+            yield common.to_layout(common.augment_seed(images[batch], gen), precision), labels[batch]
 
 
 def time_steps(step, batches, steps, device):
@@ -222,23 +235,42 @@ def time_steps(step, batches, steps, device):
     return (time.perf_counter() - start) / steps
 
 
-def time_training(name, images, labels, device, steps, warmup_steps):
+def time_training(name, images, labels, device, steps, warmup_steps, precision):
     """Median seconds per step, {"bare": ..., "full": ...}.
 
     Blocks of bare and full steps alternate, so a burst of load from another process hits
     one round of both rather than one of the two; the median drops that round.
     """
-    step = make_step(name, device)
+    step = make_step(name, device, precision)
     images, labels = images.to(device), labels.to(device)
     gen = torch.Generator(device).manual_seed(0)
-    sources = {"bare": bare_batches(images, labels), "full": full_batches(images, labels, gen)}
-    for batches in sources.values():
+    sources = {"bare": (step, bare_batches(images, labels, precision)),
+               "full": (step, full_batches(images, labels, gen, precision))}
+    return alternate(sources, device, steps, warmup_steps)
+
+
+def time_precisions(name, images, labels, device, steps, warmup_steps, precisions):
+    """Median seconds per bare step at each precision, {"fp32": ..., "bf16": ...}: each its
+    own fresh model, blocks alternating as in time_training."""
+    images, labels = images.to(device), labels.to(device)
+    sources = {p: (make_step(name, device, p), bare_batches(images, labels, p)) for p in precisions}
+    return alternate(sources, device, steps, warmup_steps)
+
+
+def alternate(sources, device, steps, warmup_steps):
+    """{kind: (step, batches)} -> {kind: median seconds per step over ROUNDS alternating blocks}."""
+    for step, batches in sources.values():
         time_steps(step, batches, warmup_steps, device)
     times = {kind: [] for kind in sources}
     for _ in range(ROUNDS):
-        for kind, batches in sources.items():
+        for kind, (step, batches) in sources.items():
             times[kind].append(time_steps(step, batches, steps, device))
     return {kind: statistics.median(seconds) for kind, seconds in times.items()}
+
+
+def precisions_to_time(device):
+    """fp32 and bf16 everywhere; fp16 where it is not emulated (CUDA)."""
+    return ["fp32", "bf16", "fp16"] if device.type == "cuda" else ["fp32", "bf16"]
 
 
 # ----------------------------------------------------------------------------- report
@@ -250,7 +282,10 @@ def measure(args):
     sample = slice(0, args.images)  # (a) and (b) see the same images
     batched = time_batched(images[sample], args.device)
     torchvision_rate, first_batch = time_torchvision(images[sample], labels[sample])
-    step = time_training(args.model, images, labels, args.device, args.steps, args.warmup_steps)
+    precision, reason = common.choose_precision(args.device)
+    step = time_training(args.model, images, labels, args.device, args.steps, args.warmup_steps, precision)
+    by_precision = time_precisions(args.model, images, labels, args.device, args.steps, args.warmup_steps,
+                                   precisions_to_time(args.device))
     speedup = batched / torchvision_rate
     overhead = (step["full"] - step["bare"]) / step["full"]
     return {
@@ -262,6 +297,8 @@ def measure(args):
         "step_seconds_full": step["full"],
         "pipeline_overhead": overhead,
         "augment_share_of_step": BATCH / batched / step["full"],  # (a)'s time per batch, alone
+        "precision": precision, "precision_reason": reason,
+        **{f"step_seconds_{p}": seconds for p, seconds in by_precision.items()},
         "model": args.model, "device": common.device_name(args.device), "device_type": args.device.type,
         "torch": torch.__version__, "torchvision": torchvision.__version__,
         "cpu_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "load_average": load,
@@ -303,7 +340,8 @@ def table(r):
             f"one pass incl. worker start-up (first batch {r['torchvision_first_batch_s']:.2f} s)"),
         row("augment_speedup (a) / (b)", f"{r['augment_speedup']:.1f}x",
             goal_note(">= 10x on CPU", goals["augment_speedup_at_least_10_on_cpu"])),
-        f"training step, {r['model']}, median of {r['rounds']} blocks of {r['steps_per_block']} steps"
+        f"training step, {r['model']}, {r['precision']}, median of {r['rounds']} blocks of "
+        f"{r['steps_per_block']} steps"
         .ljust(54) + "s/step".rjust(12),
         row("(1) bare: a fixed normalised batch on the device", f"{r['step_seconds_bare']:.4f}"),
         row("(2) full: permuted slice, augment_seed, step", f"{r['step_seconds_full']:.4f}"),
@@ -311,6 +349,11 @@ def table(r):
             goal_note("< 10% on GPU", goals["pipeline_overhead_under_10pct_on_gpu"])),
         row("(a)'s time for one batch / full step", f"{100 * r['augment_share_of_step']:.1f}%",
             "the same cost, estimated without subtracting two noisy times"),
+        f"(d) bare step by precision (auto picks {r['precision']}: {r['precision_reason']})"
+        .ljust(54) + "s/step".rjust(12),
+        *[row(f"step_seconds_{p}", f"{r[f'step_seconds_{p}']:.4f}",
+              f"{r['step_seconds_fp32'] / r[f'step_seconds_{p}']:.2f}x fp32's speed")
+          for p in common.PRECISIONS if f"step_seconds_{p}" in r],
     ])
 
 

@@ -497,7 +497,7 @@ def choose_precision(device, requested="auto"):
     """(precision, why) for --precision on this device: "auto" picks what it does natively."""
     device = torch.device(device)
     if requested != "auto":
-        return requested, f"--precision {requested}"
+        return requested, f"--precision {requested}" + emulation_warning(device, requested)
     if device.type == "cuda":
         major, minor = cuda_capability(device)
         if major >= 8:  # Ampere and later: bfloat16 tensor cores
@@ -510,6 +510,17 @@ def choose_precision(device, requested="auto"):
             return "bf16", f"CPU with {unit}"
         return "fp32", "CPU without bfloat16 instructions, where bfloat16 is emulated and slower"
     return "fp32", f"{device.type}: float32"
+
+
+def emulation_warning(device, precision):
+    """A note for a precision asked for that this device only emulates, slowly; else ""."""
+    if device.type == "cpu" and precision == "fp16":
+        return ", emulated on this CPU: many times slower than fp32"
+    if device.type == "cpu" and precision == "bf16" and not cpu_bf16_unit():
+        return ", emulated on this CPU: slower than fp32"
+    if device.type == "cuda" and precision == "bf16" and cuda_capability(device)[0] < 8:
+        return ", emulated on this GPU: slower than fp16"
+    return ""
 
 
 def autocast(device, precision):
@@ -540,7 +551,9 @@ def grad_scaler(device, precision):
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    capabilities = getattr(torch.cpu, "get_capabilities", dict)()
+    name = capabilities.get("cpu_name") or platform.processor() or platform.machine()
+    return f"cpu ({name}, {torch.get_num_threads()} threads)"
 
 
 # ----------------------------------------------------------------------------- training

@@ -25,13 +25,14 @@ def without_seconds(history):
 
 
 def test_resume_ends_exactly_where_a_straight_run_ends(tiny_data_dir, tmp_path, capsys):
-    straight = train_cnn.main(run_args(tiny_data_dir, tmp_path / "straight"))
-    assert train_cnn.main(run_args(tiny_data_dir, tmp_path / "split", "--stop-after", "1")) is None
+    fp32 = ("--precision", "fp32")  # the float32 path, kept tested on CPUs where auto picks bf16
+    straight = train_cnn.main(run_args(tiny_data_dir, tmp_path / "straight", *fp32))
+    assert train_cnn.main(run_args(tiny_data_dir, tmp_path / "split", *fp32, "--stop-after", "1")) is None
     printed = capsys.readouterr().out
     assert "stopped after epoch 1 of 2" in printed and "--resume" in printed
     halfway = torch.load(tmp_path / "split" / "cnn.pt", weights_only=True)
     assert halfway["epoch"] == 1 and halfway["test_accuracy"] is None
-    resumed = train_cnn.main(run_args(tiny_data_dir, tmp_path / "split", "--resume",
+    resumed = train_cnn.main(run_args(tiny_data_dir, tmp_path / "split", *fp32, "--resume",
                                       str(tmp_path / "split" / "cnn.pt")))
     a = torch.load(tmp_path / "straight" / "cnn.pt", weights_only=True)
     b = torch.load(tmp_path / "split" / "cnn.pt", weights_only=True)
