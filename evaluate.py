@@ -3,19 +3,36 @@
     python evaluate.py runs/resnet9.pt                      # one model
     python evaluate.py runs/cnn.pt runs/resnet9.pt          # side by side, with a verdict
     python evaluate.py runs/cnn.pt --repeats 10 --tta --out eval.json   # --repeats 10 on a CPU
+    python evaluate.py runs/cnn.pt --against-report         # the run's log beside the report's
+    python evaluate.py runs/s*/cnn.pt runs/s*/resnet9.pt    # several seeds: mean ± std per model
 
 For each checkpoint it reports:
   test_accuracy   clean: the 10,000 test images, normalisation only. This is the number.
-  repeated        the report's protocol: the test set through the TRAINING augmentation,
-                  --repeats times. Only a random test pass can differ from pass to pass,
-                  so the report's 100 passes averaged the accuracy on distorted images,
-                  not the clean accuracy: that is what its 44.53% / 66.02% are.
+  repeated        the report's protocol: the test set through an augmentation, --repeats
+                  times. Only a random test pass can differ from pass to pass, so the
+                  report's 100 passes averaged the accuracy on distorted images, not the
+                  clean accuracy: that is what its 44.53% / 66.02% are. --repeat-aug picks
+                  the augmentation: seed (default) is the report's list, whatever the model
+                  was trained with; train is the checkpoint's own --aug; none gives passes
+                  equal to the clean pass.
   tta_accuracy    repeated passes done right (--tta): average each image's predicted
                   probabilities with its mirror image's, then decide.
   train_accuracy  clean accuracy on the images the model trained on: what the report's
                   "val_accuracy" column (99.9%) behaves like; val_accuracy is the held-out one.
+
+--against-report prints the run's epoch log beside the report's (report_log.csv holds the
+report's two logs as data) and says which of the run's columns each report column tracks:
+the one with the smallest mean absolute difference over the epochs both have.
+
+Several checkpoints of one model (runs that differ in --seed only, e.g. from a loop over
+--seed and --out) are grouped: each measure is given as mean ± sample standard deviation
+(n - 1) over the runs, in the JSON as models[<model>][<measure>] = {mean, std, values}.
+The verdict weighs the gap against that spread (Welch's t-test on the runs' clean test
+accuracies) when each model has two or more runs; with one run each, McNemar's test on
+the images one model gets right and the other does not.
 """
 import argparse
+import csv
 import importlib
 import math
 import sys
@@ -29,24 +46,38 @@ import common
 # Which script defines each model: the model is imported from there, never copied.
 MODELS = {"cnn": ("train_cnn", "CNN"), "resnet9": ("train_resnet", "ResNet9")}
 REPORT = {"cnn": 44.53, "resnet9": 66.02}  # the report's test accuracies (mean of 100 runs)
+REPORT_LOG = Path(__file__).with_name("report_log.csv")  # the report's epoch logs, from SEED.md
+# Each column of the report's log, and the run's columns it might be measuring.
+REPORT_COLUMNS = {"train_loss": ("train_loss", "val_loss"), "val_loss": ("val_loss", "train_loss"),
+                  "val_acc": ("train_accuracy", "val_accuracy")}
+MEASURES = {"test_accuracy": "clean test accuracy", "repeated": "report protocol",
+            "tta_accuracy": "TTA accuracy", "train_accuracy": "train accuracy", "val_accuracy": "val accuracy"}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="one or two .pt files")
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                   help="one .pt file; two to compare; several runs of each model (differing in "
+                        "--seed only) for mean ± std over them")
     p.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py (default: data)")
     p.add_argument("--device", choices=common.DEVICES, default="auto", help="default: auto")
     p.add_argument("--precision", choices=common.PRECISIONS, default="auto",
                    help="arithmetic, as in training (default: auto, what this device does natively)")
     p.add_argument("--repeats", type=int, default=100,
                    help="passes of the report's protocol (default: 100, as the report; 0: skip)")
+    p.add_argument("--repeat-aug", choices=[*sorted(common.AUGMENTATIONS), "train"], default="seed",
+                   help="what the report's protocol passes the test images through: seed, the "
+                        "report's list, whatever the model was trained with (default); standard, "
+                        "pad-crop-flip; none, so every pass equals the clean one; train, the "
+                        "augmentation the checkpoint was trained with (its --aug)")
     p.add_argument("--seed", type=int, default=0, help="seed of the repeated passes (default: 0)")
     p.add_argument("--tta", action="store_true", help="also measure test-time augmentation (flips)")
+    p.add_argument("--against-report", action="store_true",
+                   help="print the run's epoch log beside the report's, say which of the run's "
+                        "columns each report column tracks, and draw it (<checkpoint>_vs_report.png)")
     p.add_argument("--out", metavar="FILE.json", help="write the results as JSON")
     args = p.parse_args(argv)
-    if len(args.checkpoints) > 2:
-        p.error("give one checkpoint, or two to compare")
     if args.repeats < 0:
         p.error(f"--repeats must not be negative, got {args.repeats}")
     common.check_device(p, args.device)
@@ -86,7 +117,7 @@ def evaluate(path, args, device):
     one_pass = time.perf_counter() - start
     result = {
         "checkpoint": str(path), "model": state["model_name"], "params": common.count_params(model),
-        "epochs": state["epoch"], "aug": config["aug"],
+        "epochs": state["epoch"], "aug": config["aug"], "seed": config["seed"],
         "train_seconds": sum(row["seconds"] for row in state["history"]),
         "test_accuracy": correct.float().mean().item(),
         "per_class": per_class(correct, test_y, classes),
@@ -94,20 +125,23 @@ def evaluate(path, args, device):
         "repeated": None, "tta_accuracy": None,
         "train_accuracy": accuracy(model, *data["train"], args.precision),
         "val_accuracy": accuracy(model, *data["val"], args.precision) if len(data["val"][1]) else None,
-        "precision": args.precision,
+        "precision": args.precision, "against_report": None,
         "classes": classes, "correct": correct.cpu(),  # "correct" is for the comparison, not the JSON
     }
     if args.repeats:
-        print(f"{path}: the report's protocol, {args.repeats} passes of the training augmentation: "
+        aug = config["aug"] if args.repeat_aug == "train" else args.repeat_aug
+        print(f"{path}: the report's protocol, {args.repeats} passes of --aug {aug}: "
               f"about {args.repeats * one_pass:.0f} s here", flush=True)
-        augment = common.AUGMENTATIONS[config["aug"]]
-        accuracies = common.repeated_accuracies(model, test_x, test_y, augment, args.repeats, args.seed,
-                                                args.precision)
+        accuracies = common.repeated_accuracies(model, test_x, test_y, common.AUGMENTATIONS[aug],
+                                                args.repeats, args.seed, args.precision)
         mean = sum(accuracies) / len(accuracies)
         std = math.sqrt(sum((a - mean) ** 2 for a in accuracies) / max(len(accuracies) - 1, 1))
-        result["repeated"] = {"n": len(accuracies), "mean": mean, "std": std, "accuracies": accuracies}
+        result["repeated"] = {"n": len(accuracies), "mean": mean, "std": std, "aug": aug,
+                              "accuracies": accuracies}
     if args.tta:
         result["tta_accuracy"] = common.tta_accuracy(model, test_x, test_y, args.precision)
+    if args.against_report:
+        result["against_report"] = against_report(state["history"], read_report_log()[state["model_name"]])
     return result
 
 
@@ -136,7 +170,7 @@ def format_result(r):
     if r["repeated"]:
         rep = r["repeated"]
         rows.append((f"report protocol ({rep['n']} passes)",
-                     f"{pct(rep['mean'])} ± {100 * rep['std']:.2f}", "test images through the training augmentation"))
+                     f"{pct(rep['mean'])} ± {100 * rep['std']:.2f}", f"test images through --aug {rep['aug']}"))
     if r["tta_accuracy"] is not None:
         rows.append(("TTA (image + mirror)", pct(r["tta_accuracy"]), "averaged probabilities"))
     rows.append(("train accuracy (clean)", pct(r["train_accuracy"]), 'what the report\'s "val_accuracy" measured'))
@@ -150,6 +184,141 @@ def format_result(r):
         lines.append(f"  {name:>6} " + "".join(f"{v:>6}" for v in row))
     return "\n".join(lines)
 
+
+# ----------------------------------------------------------------------------- the report's logs
+
+def read_report_log(path=REPORT_LOG):
+    """The report's epoch logs: {"cnn": rows, "resnet9": rows}, each row a dict of numbers.
+
+    val_acc is a fraction in [0, 1], like every accuracy in this project (the report printed 56.2%).
+    """
+    logs = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            model = row.pop("model")
+            logs.setdefault(model, []).append({k: int(v) if k == "epoch" else float(v) for k, v in row.items()})
+    return logs
+
+
+def against_report(history, report):
+    """The run's epochs beside the report's, and for each report column, how far it lies from
+    each run column it might be measuring (mean absolute difference over the shared epochs)."""
+    run = {row["epoch"]: row for row in history}
+    pairs = [(rep, run[rep["epoch"]]) for rep in report if rep["epoch"] in run]
+    columns = {}
+    for column, candidates in REPORT_COLUMNS.items():
+        mad = {}
+        for name in candidates:
+            diffs = [abs(rep[column] - ours[name]) for rep, ours in pairs if ours[name] is not None]
+            mad[name] = sum(diffs) / len(diffs) if diffs else None  # None: --val-size 0, no val
+        known = {name: value for name, value in mad.items() if value is not None}
+        columns[column] = {"mean_abs_difference": mad, "tracks": min(known, key=known.get) if known else None}
+    rows = [{"epoch": rep["epoch"], "report": {c: rep[c] for c in REPORT_COLUMNS},
+             "run": {c: ours[c] for c in ("train_loss", "val_loss", "train_accuracy", "val_accuracy")}}
+            for rep, ours in pairs]
+    return {"epochs": len(rows), "report_epochs": len(report), "rows": rows, "columns": columns}
+
+
+def format_against_report(r):
+    """The table, epoch by epoch, then one line per report column: which run column it tracks."""
+    a = r["against_report"]
+
+    def num(value, percent=False):
+        return "-" if value is None else f"{100 * value:.1f}%" if percent else f"{value:.4f}"
+
+    lines = [f"{r['checkpoint']} against the report's {r['model']} log ({a['epochs']} of its "
+             f"{a['report_epochs']} epochs):",
+             f"  {'':>5} | {'train_loss':^17} | {'val_loss':^17} | {'report':>7} {'run':>7} {'run':>7}",
+             f"  {'epoch':>5} | {'report':>8} {'run':>8} | {'report':>8} {'run':>8} | "
+             f"{'val_acc':>7} {'train':>7} {'val':>7}"]
+    for row in a["rows"]:
+        rep, run = row["report"], row["run"]
+        lines.append(f"  {row['epoch']:>5} | {num(rep['train_loss']):>8} {num(run['train_loss']):>8} | "
+                     f"{num(rep['val_loss']):>8} {num(run['val_loss']):>8} | {num(rep['val_acc'], True):>7} "
+                     f"{num(run['train_accuracy'], True):>7} {num(run['val_accuracy'], True):>7}")
+    for column, found in a["columns"].items():
+        scale, unit = (100, " points") if column == "val_acc" else (1, "")
+        mads = ", ".join(f"{name} {scale * mad:.4g}{unit}" if mad is not None else f"{name} -"
+                         for name, mad in found["mean_abs_difference"].items())
+        tracks = f"tracks the run's {found['tracks']}" if found["tracks"] else "has no run column to track"
+        lines.append(f"  the report's {column} {tracks} (mean absolute difference: {mads})")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- several runs
+
+def group_by_model(paths):
+    """{model: [checkpoint paths]}, in the order given. The runs of one model must differ in
+    --seed only: a group with anything else would average two different experiments."""
+    groups, settings = {}, {}
+    for path in paths:
+        state = common.load_checkpoint(path)
+        name, meta = state.get("model_name"), {"config": state["config"], "epoch": state["epoch"]}
+        del state  # keep only the settings: a ResNet9 checkpoint is 80 MB
+        for earlier in settings.get(name, []):
+            check_same_run(*earlier, path, meta)
+        settings.setdefault(name, []).append((path, meta))
+        groups.setdefault(name, []).append(path)
+    return groups
+
+
+def check_same_run(path_a, a, path_b, b):
+    """Two runs of one model: every run setting equal but the seed, and the seeds different."""
+    for key in common.RUN_SETTINGS:
+        if key != "seed" and a["config"].get(key) != b["config"].get(key):
+            raise common.UserError(f"{path_a} and {path_b} differ in --{key.replace('_', '-')} "
+                                   f"({a['config'].get(key)} vs {b['config'].get(key)}): "
+                                   f"group only runs that differ in --seed")
+    if a["epoch"] != b["epoch"]:
+        raise common.UserError(f"{path_a} and {path_b} differ in epochs trained ({a['epoch']} vs "
+                               f"{b['epoch']}): finish both runs (--resume), then group them")
+    if a["config"]["seed"] == b["config"]["seed"]:
+        raise common.UserError(f"{path_a} and {path_b} both have --seed {a['config']['seed']}: "
+                               f"one run given twice would count twice; group runs of different seeds")
+
+
+def spread(values):
+    """mean, sample standard deviation (n - 1; None for one run) and the values; None if any is."""
+    if any(value is None for value in values):
+        return None
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
+    return {"mean": mean, "std": std, "values": values}
+
+
+def summarise(groups, results):
+    """Per model: how many runs, and each measure's mean ± std over them (the JSON's "models")."""
+    by_path = {r["checkpoint"]: r for r in results}
+    models = {}
+    for name, paths in groups.items():
+        runs = [by_path[str(path)] for path in paths]
+        models[name] = {"n": len(runs), "checkpoints": [r["checkpoint"] for r in runs]}
+        for measure in MEASURES:
+            values = [r[measure]["mean"] if measure == "repeated" and r[measure] else r[measure] for r in runs]
+            models[name][measure] = spread(values)
+        if models[name]["repeated"]:
+            models[name]["repeated"]["aug"] = runs[0]["repeated"]["aug"]
+    return models
+
+
+def format_models(models):
+    """One column per model: mean ± std over its runs (percent, std in points)."""
+    def cell(s):
+        if s is None:
+            return "-"
+        return pct(s["mean"]) + (f" ± {100 * s['std']:.2f}" if s["std"] is not None else " (1 run)")
+
+    names = [f"{name} (n={m['n']})" for name, m in models.items()]
+    augs = {m["repeated"]["aug"] for m in models.values() if m["repeated"]}
+    labels = {**MEASURES, "repeated": f"report protocol ({augs.pop()})" if len(augs) == 1 else "report protocol"}
+    lines = ["over the runs of each model: mean ± sample standard deviation (points)",
+             f"{'':<26}" + "".join(f"{n:>24}" for n in names)]
+    for measure, label in labels.items():
+        lines.append(f"{label:<26}" + "".join(f"{cell(m[measure]):>24}" for m in models.values()))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the verdict
 
 def compare(a, b):
     """Side-by-side table and a verdict computed from the numbers."""
@@ -175,40 +344,133 @@ def verdict(a, b):
     only_better = int((better["correct"] & ~worse["correct"]).sum())
     only_worse = int((worse["correct"] & ~better["correct"]).sum())
     z = (only_better - only_worse) / math.sqrt(max(only_better + only_worse, 1))
-    result = {"better": better["model"], "better_checkpoint": better["checkpoint"], "gap_points": gap,
-              "mcnemar_z": z, "significant": abs(z) > 1.96}
+    result = {"test": "mcnemar", "better": better["model"], "better_checkpoint": better["checkpoint"],
+              "gap_points": gap, "mcnemar_z": z, "significant": abs(z) > 1.96}
     text = (f"{better['model']} is better: {pct(better['test_accuracy'])} vs {pct(worse['test_accuracy'])} "
             f"clean test accuracy, {gap:.2f} points; ")
     text += ("more than test-set noise" if result["significant"] else "within test-set noise") + \
             f" (McNemar z = {z:.1f}: {only_better} images only it gets right, {only_worse} only the other)."
-    models = {r["model"]: r for r in (a, b)}
-    if set(models) == {"cnn", "resnet9"}:
-        holds = models["resnet9"]["test_accuracy"] > models["cnn"]["test_accuracy"] and result["significant"]
-        result["report_conclusion_holds"] = holds
-        text += (f"\nThe report's conclusion (the ResNet beats the CNN; it measured {REPORT['resnet9']}% vs "
-                 f"{REPORT['cnn']}%) {'holds' if holds else 'does NOT hold'} on clean test accuracy.")
-    result["text"] = text
+    result["text"] = text + report_conclusion(result, {r["model"]: r["test_accuracy"] for r in (a, b)})
     return result
 
+
+def verdict_over_seeds(models):
+    """The verdict for two models with several runs each: the gap between their mean clean test
+    accuracies, weighed against how much that accuracy varies from seed to seed.
+
+    Welch's t-test (unequal variances, Welch-Satterthwaite degrees of freedom), two-sided,
+    significant at p < 0.05. It needs two or more runs of each model: with fewer, no test.
+    """
+    ranked = sorted(models.items(), key=lambda item: -item[1]["test_accuracy"]["mean"])
+    (better_name, better), (_, worse) = ranked
+    high, low = better["test_accuracy"], worse["test_accuracy"]
+    gap = 100 * (high["mean"] - low["mean"])
+    result = {"test": "welch", "better": better_name, "gap_points": gap,
+              "n": {name: m["n"] for name, m in models.items()},
+              "welch_t": None, "df": None, "p_value": None, "significant": None}
+    text = (f"{better_name} is better: {pct(high['mean'])} vs {pct(low['mean'])} mean clean test accuracy "
+            f"over {better['n']} and {worse['n']} runs, {gap:.2f} points; ")
+    if min(m["n"] for m in models.values()) < 2:
+        result["text"] = text + ("not tested: the spread over seeds needs two or more runs of each model ("
+                                 + ", ".join(f"{name} has {m['n']}" for name, m in models.items()) + ").")
+        if set(models) == {"cnn", "resnet9"}:
+            result["report_conclusion_holds"] = None
+        return result
+    t, df, p = welch(high["values"], low["values"])
+    result.update(welch_t=t, df=df, p_value=p, significant=p < 0.05)
+    stat = f"t = {t:.2f}, df = {df:.1f}, p = {p:.3g}" if t is not None else f"no spread at all, p = {p:g}"
+    text += ("more than the spread over seeds" if result["significant"] else "within the spread over seeds")
+    text += f" (Welch's {stat})."
+    result["text"] = text + report_conclusion(result, {n: m["test_accuracy"]["mean"] for n, m in models.items()})
+    return result
+
+
+def report_conclusion(result, accuracies):
+    """Sets result["report_conclusion_holds"] when the two models are the report's; returns its line."""
+    if set(accuracies) != {"cnn", "resnet9"}:
+        return ""
+    holds = accuracies["resnet9"] > accuracies["cnn"] and result["significant"]
+    result["report_conclusion_holds"] = holds
+    return (f"\nThe report's conclusion (the ResNet beats the CNN; it measured {REPORT['resnet9']}% vs "
+            f"{REPORT['cnn']}%) {'holds' if holds else 'does NOT hold'} on clean test accuracy.")
+
+
+def welch(a, b):
+    """Welch's t, its degrees of freedom and the two-sided p-value for samples a and b.
+    (t and df are None when neither sample varies: p is then 1 for equal means, else 0.)"""
+    mean_a, mean_b = sum(a) / len(a), sum(b) / len(b)
+    se2_a = sum((x - mean_a) ** 2 for x in a) / (len(a) - 1) / len(a)  # squared standard errors
+    se2_b = sum((x - mean_b) ** 2 for x in b) / (len(b) - 1) / len(b)
+    if se2_a + se2_b == 0:
+        return None, None, float(mean_a == mean_b)
+    t = (mean_a - mean_b) / math.sqrt(se2_a + se2_b)
+    df = (se2_a + se2_b) ** 2 / (se2_a ** 2 / (len(a) - 1) + se2_b ** 2 / (len(b) - 1))
+    return t, df, t_two_sided_p(t, df)
+
+
+def t_two_sided_p(t, df):
+    """P(|T| >= |t|) for Student's t with df degrees of freedom: I_x(df/2, 1/2), x = df / (df + t^2)."""
+    return incomplete_beta(df / 2, 0.5, df / (df + t * t))
+
+
+def incomplete_beta(a, b, x):
+    """The regularised incomplete beta function I_x(a, b), by its continued fraction
+    (Numerical Recipes, 6.4), on the side of x where the fraction converges quickly."""
+    if x <= 0 or x >= 1:
+        return float(x >= 1)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1) / (a + b + 2):
+        return front * beta_fraction(a, b, x) / a
+    return 1 - front * beta_fraction(b, a, 1 - x) / b
+
+
+def beta_fraction(a, b, x, tiny=1e-300, eps=1e-15):
+    """The continued fraction of I_x(a, b), evaluated by the modified Lentz method."""
+    c, d = 1.0, 1 - (a + b) * x / (a + 1)
+    d = 1 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 100_000):  # converges in about sqrt(max(a, b)) steps
+        for coefficient in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1 + coefficient * d
+            d = 1 / (d if abs(d) > tiny else tiny)
+            c = 1 + coefficient / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1) < eps:
+            break
+    return h
+
+
+# ----------------------------------------------------------------------------- main
 
 def main(argv=None):
     args = parse_args(argv)
     device = common.resolve_device(args.device)
     args.precision, reason = common.choose_precision(device, args.precision)
     print(f"device: {common.device_name(device)}, precision: {args.precision} ({reason})")
+    groups = group_by_model([Path(path) for path in args.checkpoints])
     results = [evaluate(Path(path), args, device) for path in args.checkpoints]
     for r in results:
         print(format_result(r))
         plot_confusion(r)
+        if r["against_report"]:
+            print(format_against_report(r))
+            plot_against_report(r)
+    sizes = sorted({len(r["correct"]) for r in results})
+    if len(sizes) > 1:
+        raise common.UserError(f"the checkpoints were tested on {' and '.join(f'{s:,}' for s in sizes)} "
+                               f"images (a --dry-run uses 500): compare runs of the same kind")
     output = results[0]
-    if len(results) == 2:
-        sizes = [len(r["correct"]) for r in results]
-        if sizes[0] != sizes[1]:
-            raise common.UserError(f"the two checkpoints were tested on {sizes[0]:,} and {sizes[1]:,} "
-                                   f"images (a --dry-run uses 500): compare runs of the same kind")
+    if len(results) == 2 and len(groups) == 2:  # one run of each model: image by image
         table, judged = compare(*results)
         print("\n" + table + "\n\n" + judged["text"])
         output = {"checkpoints": results, "comparison": judged}
+    elif len(results) > len(groups):  # several runs of a model: over the seeds
+        models = summarise(groups, results)
+        judged = verdict_over_seeds(models) if len(models) == 2 else None
+        print("\n" + format_models(models) + ("\n\n" + judged["text"] if judged else ""))
+        output = {"checkpoints": results, "models": models, "comparison": judged}
     for r in results:
         del r["correct"]
     if args.out:
@@ -234,6 +496,42 @@ def plot_confusion(r):
     fig.colorbar(image)
     fig.tight_layout()
     path = Path(r["checkpoint"]).with_name(Path(r["checkpoint"]).stem + "_confusion.png")
+    try:
+        fig.savefig(path, dpi=100)
+    except OSError as error:
+        print(f"could not write {path} ({error}); skipped", file=sys.stderr)
+    plt.close(fig)
+
+
+def plot_against_report(r):
+    """<checkpoint>_vs_report.png beside the checkpoint: the report's log (all its epochs) and
+    the run's, losses left, accuracies right, when matplotlib is installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        return
+    report, rows = read_report_log()[r["model"]], r["against_report"]["rows"]
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    epochs = [row["epoch"] for row in report]
+    for column, style in (("train_loss", "k-"), ("val_loss", "k--")):
+        loss_ax.plot(epochs, [row[column] for row in report], style, label=f"report {column}")
+    acc_ax.plot(epochs, [100 * row["val_acc"] for row in report], "k--", label="report val_acc")
+    ours = [row["epoch"] for row in rows]
+    for column, ax, scale in (("train_loss", loss_ax, 1), ("val_loss", loss_ax, 1),
+                              ("train_accuracy", acc_ax, 100), ("val_accuracy", acc_ax, 100)):
+        if rows and rows[0]["run"][column] is not None:
+            ax.plot(ours, [scale * row["run"][column] for row in rows], "o-", label=f"run {column}")
+    loss_ax.set(xlabel="epoch", ylabel="loss", title=f"{r['model']}: loss, the report's and this run's")
+    acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title=f"{r['model']}: accuracy")
+    for ax in (loss_ax, acc_ax):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    loss_ax.legend()
+    acc_ax.legend()
+    fig.tight_layout()
+    path = Path(r["checkpoint"]).with_name(Path(r["checkpoint"]).stem + "_vs_report.png")
     try:
         fig.savefig(path, dpi=100)
     except OSError as error:

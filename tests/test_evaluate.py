@@ -1,6 +1,11 @@
-"""evaluate.py: clean accuracy, the report's repeated passes, TTA, the comparison, bad checkpoints."""
+"""evaluate.py: clean accuracy, the report's repeated passes, TTA, the comparison, bad checkpoints,
+the report's logs beside a run's, several seeds of each model."""
+import contextlib
+import io
 import json
+import math
 import pickle
+import re
 import subprocess
 import sys
 
@@ -12,6 +17,8 @@ import evaluate
 import train_cnn
 import train_resnet
 from conftest import ROOT
+
+SEED_MD = ROOT.parent / "shared" / "SEED.md"
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +55,10 @@ def test_per_class_accuracies_average_to_the_clean_accuracy(runs):
 def test_repeated_passes_are_seeded(runs):
     ckpt = str(runs["dir"] / "cnn.pt")
     first = evaluate.main(evaluate_args(runs, ckpt, "--repeats", "3", "--seed", "1"))["repeated"]
-    again = evaluate.main(evaluate_args(runs, ckpt, "--repeats", "3", "--seed", "1"))["repeated"]
+    again = evaluate.main(evaluate_args(runs, ckpt, "--repeats", "3", "--seed", "1",
+                                        "--repeat-aug", "train"))["repeated"]  # trained with seed
     other = evaluate.main(evaluate_args(runs, ckpt, "--repeats", "3", "--seed", "2"))["repeated"]
-    assert first == again
+    assert first == again and first["aug"] == "seed"
     assert first["n"] == 3 and len(first["accuracies"]) == 3
     assert first["mean"] == pytest.approx(sum(first["accuracies"]) / 3)
     assert first["accuracies"] != other["accuracies"]
@@ -194,7 +202,226 @@ def test_weights_that_do_not_fit_are_refused(runs, tmp_path):
 
 
 def test_evaluate_cli_errors(capsys):
-    for argv in (["a.pt", "b.pt", "c.pt"], ["a.pt", "--repeats", "-1"]):
+    for argv in (["a.pt", "--repeats", "-1"], ["a.pt", "--repeat-aug", "flip"]):
         with pytest.raises(SystemExit) as exit_info:
             evaluate.parse_args(argv)
         assert exit_info.value.code == 2
+
+
+# ----------------------------------------------------------------------------- --repeat-aug
+
+@pytest.fixture(scope="module")
+def seed_runs(tiny_data_dir, tmp_path_factory):
+    """Two CNNs trained WITHOUT augmentation (--aug none), 1 epoch, seeds 0 and 1: runs/s0, runs/s1."""
+    out = tmp_path_factory.mktemp("seeds")
+    summaries = [train_cnn.main(["--data-dir", str(tiny_data_dir), "--out", str(out / f"s{seed}"),
+                                 "--val-size", "100", "--device", "cpu", "--epochs", "1", "--aug", "none",
+                                 "--seed", str(seed)]) for seed in (0, 1)]
+    return {"data": tiny_data_dir, "paths": [str(out / f"s{seed}" / "cnn.pt") for seed in (0, 1)],
+            "summaries": summaries, "dir": out}
+
+
+def quietly(argv):
+    """evaluate.main(argv) and what it printed."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        result = evaluate.main(argv)
+    return result, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def grouped(seed_runs):
+    """Both seed runs evaluated together (the report's protocol by default, 3 passes), with JSON."""
+    out = seed_runs["dir"] / "grouped.json"
+    result, printed = quietly(evaluate_args(seed_runs, *seed_runs["paths"], "--repeats", "3", "--out", str(out)))
+    return result, printed, json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def unaugmented(seed_runs):
+    """Seed 0's run: --repeat-aug none, 2 passes, and --against-report."""
+    return quietly(evaluate_args(seed_runs, seed_runs["paths"][0], "--repeats", "2", "--repeat-aug", "none",
+                                 "--against-report"))
+
+
+def test_report_protocol_uses_the_reports_augmentation_whatever_the_training(grouped):
+    """Models trained with --aug none: by default the report's 100 passes still go through its
+    pipeline (--aug seed), as the report's test did; the passes differ and lie below clean."""
+    result, printed, _ = grouped
+    for r in result["checkpoints"]:
+        assert r["aug"] == "none" and r["repeated"]["aug"] == "seed"
+        assert f"{r['checkpoint']}: the report's protocol, 3 passes of --aug seed" in printed
+    first = result["checkpoints"][0]  # the better-trained of the two: 40% clean
+    assert len(set(first["repeated"]["accuracies"])) == 3  # a random test pass
+    assert first["repeated"]["mean"] < first["test_accuracy"] - 0.05
+    cnn = result["models"]["cnn"]
+    assert cnn["repeated"]["mean"] < cnn["test_accuracy"]["mean"]
+
+
+def test_repeat_aug_none_gives_the_clean_accuracy_every_pass(unaugmented):
+    result, printed = unaugmented
+    assert result["repeated"]["aug"] == "none" and result["repeated"]["n"] == 2
+    assert result["repeated"]["accuracies"] == [result["test_accuracy"]] * 2
+    assert "2 passes of --aug none" in printed
+
+
+# ----------------------------------------------------------------------------- the report's logs
+
+def seed_md_logs():
+    """The two logs in SEED.md's code block: {"cnn": [[epoch, last_lr, train_loss, val_loss, val_acc %]]}."""
+    block = SEED_MD.read_text().split("Epoch logs (as reported):")[1].split("```")[1]
+    logs, model = {}, None
+    for line in block.splitlines():
+        if line.strip() in ("CNN", "ResNet"):
+            model = {"CNN": "cnn", "ResNet": "resnet9"}[line.strip()]
+        elif re.fullmatch(r"\s*\d+(\s+[\d.]+){3}\s+[\d.]+%\s*", line):
+            logs.setdefault(model, []).append([float(word) for word in line.replace("%", "").split()])
+    return logs
+
+
+def test_report_log_equals_seed_md():
+    if not SEED_MD.exists():
+        pytest.skip(f"{SEED_MD} is not here")
+    expected, logs = seed_md_logs(), evaluate.read_report_log()
+    assert set(logs) == set(expected) == {"cnn", "resnet9"}
+    for model, rows in expected.items():
+        assert len(rows) == len(logs[model]) == 20
+        for (epoch, last_lr, train_loss, val_loss, val_acc), row in zip(rows, logs[model]):
+            assert (row["epoch"], row["last_lr"], row["train_loss"], row["val_loss"]) == \
+                   (epoch, last_lr, train_loss, val_loss)
+            assert row["val_acc"] == pytest.approx(val_acc / 100, abs=1e-12)  # a fraction, as in the JSON
+
+
+def test_report_log_spot_values():
+    logs = evaluate.read_report_log()
+    assert [len(logs["cnn"]), len(logs["resnet9"])] == [20, 20]
+    assert logs["cnn"][0] == {"epoch": 1, "last_lr": 0.00104, "train_loss": 1.2251, "val_loss": 1.1340,
+                              "val_acc": 0.562}
+    assert logs["resnet9"][19]["train_loss"] == 0.0160 and logs["resnet9"][19]["val_acc"] == 0.998
+    assert logs["cnn"][19]["val_loss"] == 1.0908
+
+
+def test_against_report_prints_the_reports_epoch_beside_the_runs(unaugmented, seed_runs):
+    result, printed = unaugmented
+    run = seed_runs["summaries"][0]["history"][0]
+    line = next(line for line in printed.splitlines() if "1.2251" in line)
+    for value in (f"{run['train_loss']:.4f}", "1.1340", f"{run['val_loss']:.4f}", "56.2%",
+                  f"{100 * run['train_accuracy']:.1f}%", f"{100 * run['val_accuracy']:.1f}%"):
+        assert value in line
+    found = result["against_report"]
+    assert found["epochs"] == 1 and found["report_epochs"] == 20  # a short run: the epochs it has
+    val_acc = found["columns"]["val_acc"]
+    assert val_acc["mean_abs_difference"] == {"train_accuracy": pytest.approx(abs(0.562 - run["train_accuracy"])),
+                                              "val_accuracy": pytest.approx(abs(0.562 - run["val_accuracy"]))}
+    assert val_acc["tracks"] == min(val_acc["mean_abs_difference"], key=val_acc["mean_abs_difference"].get)
+    assert f"the report's val_acc tracks the run's {val_acc['tracks']}" in printed
+    try:
+        import matplotlib  # noqa: F401  (optional: the picture only when it is installed)
+    except ImportError:
+        return
+    assert (seed_runs["dir"] / "s0" / "cnn_vs_report.png").stat().st_size > 0
+
+
+def test_against_report_picks_the_closest_column_and_skips_missing_val():
+    """The report's CNN log beside a made-up run whose columns (nearly) equal the report's:
+    each report column tracks the run column it (nearly) equals. --val-size 0: no val columns."""
+    report = evaluate.read_report_log()["cnn"]
+    history = [{"epoch": row["epoch"], "train_loss": row["train_loss"], "val_loss": row["val_loss"] + 0.001,
+                "train_accuracy": row["val_acc"], "val_accuracy": 0.4} for row in report[:3]]
+    columns = evaluate.against_report(history, report)["columns"]
+    assert [columns[c]["tracks"] for c in ("train_loss", "val_loss", "val_acc")] == \
+           ["train_loss", "val_loss", "train_accuracy"]
+    assert columns["val_loss"]["mean_abs_difference"]["val_loss"] == pytest.approx(0.001)
+    assert columns["val_acc"]["mean_abs_difference"]["train_accuracy"] == 0
+    for row in history:
+        row["val_loss"] = row["val_accuracy"] = None
+    columns = evaluate.against_report(history, report)["columns"]
+    assert columns["val_loss"]["mean_abs_difference"]["val_loss"] is None
+    assert columns["val_loss"]["tracks"] == "train_loss"
+
+
+# ----------------------------------------------------------------------------- several seeds
+
+def test_runs_of_one_model_are_grouped(grouped, seed_runs):
+    result, printed, saved = grouped
+    accuracies = [s["test_accuracy"] for s in seed_runs["summaries"]]  # each training run's own
+    mean = (accuracies[0] + accuracies[1]) / 2
+    std = math.sqrt(((accuracies[0] - mean) ** 2 + (accuracies[1] - mean) ** 2) / (2 - 1))
+    cnn = result["models"]["cnn"]
+    assert list(result["models"]) == ["cnn"] and cnn["n"] == 2 and cnn["checkpoints"] == seed_runs["paths"]
+    assert cnn["test_accuracy"]["values"] == accuracies
+    assert cnn["test_accuracy"]["mean"] == pytest.approx(mean)
+    assert cnn["test_accuracy"]["std"] == pytest.approx(std)
+    repeated = [r["repeated"]["mean"] for r in result["checkpoints"]]
+    assert cnn["repeated"]["values"] == repeated and cnn["repeated"]["aug"] == "seed"
+    assert cnn["repeated"]["mean"] == pytest.approx(sum(repeated) / 2)
+    assert cnn["tta_accuracy"] is None  # no --tta
+    assert result["comparison"] is None  # one model: nothing to compare
+    assert f"{100 * mean:.2f}% ± {100 * std:.2f}" in printed and "cnn (n=2)" in printed
+    assert saved["models"]["cnn"]["test_accuracy"] == cnn["test_accuracy"]
+    assert [r["checkpoint"] for r in saved["checkpoints"]] == seed_runs["paths"]
+
+
+def edited_copy(source, target, **changes):
+    """A copy of a checkpoint with some of its config (or "epoch") changed."""
+    state = torch.load(source, weights_only=True)
+    for key, value in changes.items():
+        if key == "epoch":
+            state["epoch"] = value
+        else:
+            state["config"][key] = value
+    torch.save(state, target)
+    return str(target)
+
+
+def test_runs_of_other_settings_are_refused_by_name(seed_runs, tmp_path):
+    s0, s1 = seed_runs["paths"]
+    cases = [(edited_copy(s1, tmp_path / "aug.pt", aug="seed"), r"differ in --aug \(none vs seed\)"),
+             (edited_copy(s1, tmp_path / "lr.pt", max_lr=0.001), r"differ in --max-lr \(0.01 vs 0.001\)"),
+             (edited_copy(s1, tmp_path / "short.pt", epoch=0), r"differ in epochs trained \(1 vs 0\)"),
+             (edited_copy(s0, tmp_path / "again.pt"), "both have --seed 0")]
+    for path, message in cases:
+        with pytest.raises(common.UserError, match=f"^{re.escape(s0)} and {re.escape(path)} {message}"):
+            evaluate.main(evaluate_args(seed_runs, s0, path, "--repeats", "0"))
+
+
+def test_t_distribution_p_values():
+    """Two-sided p-values of Student's t, against published tables."""
+    assert evaluate.t_two_sided_p(2.0, 10) == pytest.approx(0.07339, abs=1e-5)
+    assert evaluate.t_two_sided_p(-2.0, 10) == evaluate.t_two_sided_p(2.0, 10)
+    assert evaluate.t_two_sided_p(2.228, 10) == pytest.approx(0.05, abs=1e-4)  # the 5% critical value
+    assert evaluate.t_two_sided_p(12.706, 1) == pytest.approx(0.05, abs=1e-5)
+    assert evaluate.t_two_sided_p(1.0, 1) == pytest.approx(0.5)  # Cauchy: P(|T| > 1) = 1/2
+    assert evaluate.t_two_sided_p(1.96, 1e6) == pytest.approx(0.05, abs=1e-4)  # the normal's
+    assert evaluate.t_two_sided_p(0.0, 5) == 1.0
+    assert evaluate.incomplete_beta(2, 3, 0.4) == pytest.approx(0.5248)  # binomial: P(X >= 2), X ~ B(4, 0.4)
+
+
+def seeded(values):
+    return {"n": len(values), "test_accuracy": evaluate.spread(values)}
+
+
+def test_verdict_over_seeds_weighs_the_gap_against_the_spread():
+    cnn, resnet = [0.50, 0.52, 0.51], [0.60, 0.63, 0.62]
+    judged = evaluate.verdict_over_seeds({"cnn": seeded(cnn), "resnet9": seeded(resnet)})
+    se2 = [evaluate.spread(v)["std"] ** 2 / 3 for v in (resnet, cnn)]  # squared standard errors, by hand
+    t = (sum(resnet) / 3 - sum(cnn) / 3) / math.sqrt(sum(se2))
+    df = sum(se2) ** 2 / (se2[0] ** 2 / 2 + se2[1] ** 2 / 2)
+    assert judged["test"] == "welch" and judged["better"] == "resnet9"
+    assert judged["gap_points"] == pytest.approx(10.667, abs=1e-3)
+    assert judged["welch_t"] == pytest.approx(t) and judged["df"] == pytest.approx(df)
+    assert judged["p_value"] == pytest.approx(evaluate.t_two_sided_p(t, df)) and judged["p_value"] < 0.05
+    assert judged["significant"] and judged["report_conclusion_holds"]
+    assert "more than the spread over seeds" in judged["text"] and "holds" in judged["text"]
+    judged = evaluate.verdict_over_seeds({"cnn": seeded([0.50, 0.60]), "resnet9": seeded([0.52, 0.61])})
+    assert judged["better"] == "resnet9" and not judged["significant"]  # 1.5 points, seeds vary by 7
+    assert judged["report_conclusion_holds"] is False and "does NOT hold" in judged["text"]
+    assert "within the spread over seeds" in judged["text"]
+
+
+def test_verdict_over_seeds_needs_two_runs_of_each():
+    judged = evaluate.verdict_over_seeds({"cnn": seeded([0.50, 0.52]), "resnet9": seeded([0.6])})
+    assert judged["better"] == "resnet9" and judged["gap_points"] == pytest.approx(9)
+    assert judged["significant"] is None and judged["report_conclusion_holds"] is None
+    assert "not tested" in judged["text"] and "resnet9 has 1" in judged["text"]
+    assert evaluate.spread([0.6]) == {"mean": 0.6, "std": None, "values": [0.6]}
