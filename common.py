@@ -661,8 +661,11 @@ class NonFiniteLoss(Exception):
 
 
 class Progress:
-    """`epoch 3: 120/704 batches, 2300 img/s, ETA 4:12`, rewritten in place on a terminal.
+    """`epoch 3: 120/704 batches, 2300 img/s, ETA 4:12`, rewritten in place where a person watches.
 
+    That is a terminal, Colab's `!python` (a pseudo-terminal), or a notebook cell fed through
+    a pipe with CIFAR10_PROGRESS=1 (colab.ipynb's run() sets it): notebooks, like terminals,
+    redraw a line that starts with "\r". Output redirected to a log file gets none of it.
     `tick` also checks the losses so far for NaN/inf about once a second: checking every
     step would make a GPU wait for each loss.
     """
@@ -670,7 +673,7 @@ class Progress:
     def __init__(self, epoch, steps, batch_size, check):
         self.epoch, self.steps, self.batch_size, self.check = epoch, steps, batch_size, check
         self.start = self.last = time.perf_counter()
-        self.show = sys.stdout.isatty()
+        self.show = sys.stdout.isatty() or os.environ.get("CIFAR10_PROGRESS") == "1"
 
     def tick(self, done):
         now = time.perf_counter()

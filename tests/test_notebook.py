@@ -1,0 +1,148 @@
+"""colab.ipynb run top to bottom by a real Jupyter kernel, and the progress line inside an epoch.
+
+The notebook tests need nbclient and ipykernel (requirements-dev.txt, which .ci/run installs);
+without them they skip. NOTEBOOK_DRY_RUN=1 makes every training cell a --dry-run on the CPU.
+"""
+import io
+import json
+import shutil
+import sys
+
+import pytest
+
+import common
+from conftest import ROOT
+
+NOTEBOOK = ROOT / "colab.ipynb"
+OUTPUTS = ["augmentations.png", "cnn.pt", "cnn.json", "cnn_curves.png", "cnn_confusion.png",
+           "resnet9.pt", "resnet9.json", "resnet9_curves.png", "resnet9_confusion.png", "evaluation.json"]
+
+
+def copy_of_project(folder):
+    """The scripts and the notebook alone in a fresh folder, so the outputs land there, not in runs/."""
+    for path in [*ROOT.glob("*.py"), NOTEBOOK]:
+        shutil.copy(path, folder)
+    return folder
+
+
+def kernel_run(folder, data_dir, monkeypatch):
+    """A client that runs the folder's notebook in a fresh kernel, as a test run: call .execute()."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    pytest.importorskip("matplotlib")  # the notebook shows pictures
+    monkeypatch.setenv("NOTEBOOK_DRY_RUN", "1")  # the kernel inherits the environment
+    monkeypatch.setenv("CIFAR10_DIR", str(data_dir))
+    notebook = nbformat.read(folder / "colab.ipynb", as_version=4)
+    return nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
+                                   resources={"metadata": {"path": str(folder)}})
+
+
+def cells(notebook):
+    return {cell.id: cell for cell in notebook.cells if cell.cell_type == "code"}
+
+
+def text(cell):
+    return "".join(out.get("text", "") for out in cell.outputs if out.output_type == "stream")
+
+
+def test_the_committed_notebook_is_clean_and_calls_the_scripts_through_run():
+    notebook = json.loads(NOTEBOOK.read_text())
+    assert notebook["metadata"]["accelerator"] == "GPU"  # Colab opens a GPU runtime for it
+    code = [cell for cell in notebook["cells"] if cell["cell_type"] == "code"]
+    assert all(cell["outputs"] == [] and cell["execution_count"] is None for cell in code)
+    lines = [line.strip() for cell in code for line in cell["source"]]
+    # "!" commands run whichever python is on PATH and never fail their cell
+    assert not [line for line in lines if line.startswith("!")]
+    for script in ("train_cnn.py", "train_resnet.py", "evaluate.py", "show_augmentations.py"):
+        assert any(f'("{script}"' in line for line in lines), script
+
+
+def test_the_notebook_runs_top_to_bottom_and_a_rerun_trains_nothing(tiny_data_dir, tmp_path, monkeypatch):
+    folder = copy_of_project(tmp_path)
+    notebook = kernel_run(folder, tiny_data_dir, monkeypatch).execute()
+    for cell in cells(notebook).values():
+        assert cell.execution_count is not None
+        assert not [out for out in cell.outputs if out.output_type == "error"]
+    assert sorted(path.name for path in (folder / "runs" / "dry-run").iterdir()) == sorted(OUTPUTS)
+    shown = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs
+             if "image/png" in out.get("data", {})]
+    assert len(shown) == 5  # what the model sees, two curves, two confusion matrices
+    ran = cells(notebook)
+    assert "Epoch: 1/1" in text(ran["train-cnn"]) and "Epoch: 1/1" in text(ran["train-resnet"])
+    assert "The report's conclusion" in text(ran["evaluate"])
+    # After a disconnection, Run all again: finished models are skipped, not trained over.
+    again = cells(kernel_run(folder, tiny_data_dir, monkeypatch).execute())
+    assert "nothing to train" in text(again["train-cnn"]) and "nothing to train" in text(again["train-resnet"])
+    assert "The report's conclusion" in text(again["evaluate"])
+
+
+def test_a_failing_script_fails_its_cell_and_stops_the_notebook(tiny_data_dir, tmp_path, monkeypatch):
+    folder = copy_of_project(tmp_path)
+    (folder / "train_resnet.py").write_text('import sys\nsys.exit("train_resnet.py: error: broken on purpose")\n')
+    client = kernel_run(folder, tiny_data_dir, monkeypatch)
+    with pytest.raises(Exception, match="train_resnet.py failed .exit code 1.") as failed:
+        client.execute()
+    assert type(failed.value).__name__ == "CellExecutionError"  # nbclient's: a cell raised
+    ran = cells(client.nb)
+    assert "broken on purpose" in text(ran["train-resnet"])  # the script's own message, in its cell
+    assert ran["train-cnn"].execution_count is not None and ran["evaluate"].execution_count is None
+
+
+# ----------------------------------------------------------------------------- progress
+
+class Terminal(io.StringIO):
+    """A stdout that says it is a terminal, as Colab's `!python` pseudo-terminal does."""
+
+    def isatty(self):
+        return True
+
+
+def progress_then_epoch_line(stdout, monkeypatch):
+    """What a script prints during an epoch of 10 batches, then its epoch line."""
+    monkeypatch.setattr(sys, "stdout", stdout)
+    progress = common.Progress(epoch=1, steps=10, batch_size=64, check=lambda done: None)
+    progress.start = progress.last = progress.start - 2  # started 2 s ago: the next tick draws
+    progress.tick(5)
+    progress.close()
+    print("Epoch: 1/20, last_lr: 0.00040, train_loss: 2.3026, val_loss: 2.3026, val_accuracy: 10.0%, 9.9 s")
+
+
+def colab_shows(text):
+    """Colab's rendering: each "\\r" clears back to the last newline."""
+    return "\n".join(line.split("\r")[-1] for line in text.split("\n"))
+
+
+def jupyter_shows(text):
+    """A terminal's and Jupyter's rendering: each "\\r" goes back to the line's start and overwrites."""
+    lines = []
+    for line in text.split("\n"):
+        shown = ""
+        for part in line.split("\r"):
+            shown = part + shown[len(part):]
+        lines.append(shown.rstrip())
+    return "\n".join(lines)
+
+
+def test_progress_in_a_terminal_or_colab_redraws_in_place_and_leaves_only_the_epoch_line(monkeypatch):
+    monkeypatch.delenv("CIFAR10_PROGRESS", raising=False)
+    stdout = Terminal()
+    progress_then_epoch_line(stdout, monkeypatch)
+    written = stdout.getvalue()
+    assert written.startswith("\r  epoch 1: 5/10 batches, ") and "ETA 0:0" in written
+    epoch_line = written.split("\r")[-1]
+    assert epoch_line.startswith("Epoch: 1/20") and epoch_line.endswith("\n")
+    assert colab_shows(written) == jupyter_shows(written) == epoch_line
+
+
+def test_progress_through_a_pipe_only_when_asked(tmp_path, monkeypatch):
+    monkeypatch.delenv("CIFAR10_PROGRESS", raising=False)
+    with open(tmp_path / "log", "w") as log:  # python train_cnn.py > log
+        progress_then_epoch_line(log, monkeypatch)
+    assert (tmp_path / "log").read_bytes().startswith(b"Epoch: 1/20")  # nothing before it
+    monkeypatch.setenv("CIFAR10_PROGRESS", "1")  # what the notebook's run() sets for its pipe
+    with open(tmp_path / "cell", "w") as cell:
+        progress_then_epoch_line(cell, monkeypatch)
+    written = (tmp_path / "cell").read_bytes().decode()  # "\r" as written
+    assert written.startswith("\r  epoch 1: 5/10 batches")
+    assert colab_shows(written) == jupyter_shows(written) == written.split("\r")[-1]
