@@ -468,7 +468,8 @@ def resolve_device(name):
     return torch.device(name)
 
 
-# --precision: what the hardware does natively. Emulated bfloat16 is slower than float32.
+# --precision: what the hardware does natively. A format the hardware only emulates costs
+# time instead of saving it (float16 on a CPU: there --precision fp16 is for the tests only).
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -508,18 +509,18 @@ def choose_precision(device, requested="auto"):
         unit = cpu_bf16_unit()
         if unit:
             return "bf16", f"CPU with {unit}"
-        return "fp32", "CPU without bfloat16 instructions, where bfloat16 is emulated and slower"
+        return "fp32", "CPU without bfloat16 instructions, which would emulate bfloat16"
     return "fp32", f"{device.type}: float32"
 
 
 def emulation_warning(device, precision):
     """A note for a precision asked for that this device only emulates, slowly; else ""."""
     if device.type == "cpu" and precision == "fp16":
-        return ", emulated on this CPU: many times slower than fp32"
+        return ", emulated on this CPU: very slow, for tests only"
     if device.type == "cpu" and precision == "bf16" and not cpu_bf16_unit():
-        return ", emulated on this CPU: slower than fp32"
+        return ", emulated on this CPU (no bfloat16 instructions): compare with bench.py"
     if device.type == "cuda" and precision == "bf16" and cuda_capability(device)[0] < 8:
-        return ", emulated on this GPU: slower than fp16"
+        return ", emulated on this GPU (compute capability below 8.0): fp16 is native"
     return ""
 
 
@@ -551,6 +552,8 @@ def grad_scaler(device, precision):
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return "mps (Apple GPU)"
     capabilities = getattr(torch.cpu, "get_capabilities", dict)()
     name = capabilities.get("cpu_name") or platform.processor() or platform.machine()
     return f"cpu ({name}, {torch.get_num_threads()} threads)"
@@ -613,6 +616,7 @@ def parse_args(description, argv=None, prog=None):
         p.error(f"--stop-after must be positive, got {args.stop_after}")
     check_device(p, args.device)
     args.device = str(resolve_device(args.device))
+    args.precision_asked = args.precision  # "auto" on a resume means: as the run started
     args.precision, args.precision_reason = choose_precision(args.device, args.precision)
     return args
 
@@ -772,14 +776,17 @@ def fit(name, model, optimizer, scheduler, data, args):
     """
     device = torch.device(args.device)
     gen = torch.Generator(device).manual_seed(args.seed)  # epoch order and augmentation
-    scaler = grad_scaler(device, args.precision)
     paths = output_paths(args.out, name)
     if not args.resume and paths["checkpoint"].exists():  # a new run must not replace a saved one
         raise UserError(f"{paths['checkpoint']} exists: continue it with --resume "
                         f"{paths['checkpoint']}, or choose another --out (or delete it)")
+    saved = load_checkpoint(args.resume) if args.resume else None
+    if saved:
+        keep_precision(saved["config"], args)
+    scaler = grad_scaler(device, args.precision)
     first, history = 1, []
-    if args.resume:
-        first, history = restore(args.resume, name, model, optimizer, scheduler, scaler, gen, args)
+    if saved:
+        first, history = restore(saved, args.resume, name, model, optimizer, scheduler, scaler, gen, args)
         print(f"resumed {args.resume} after epoch {first - 1}")
         if args.stop_after is not None and args.stop_after < first:
             raise UserError(f"--stop-after {args.stop_after}: {args.resume} already holds epoch {first - 1}")
@@ -865,7 +872,7 @@ def summary(name, model, args, history, test_accuracy=None):
 
 def config_of(args):
     return {key: value for key, value in vars(args).items()
-            if key not in ("argv", "prog", "precision_reason")}
+            if key not in ("argv", "prog", "precision_reason", "precision_asked")}
 
 
 @functools.cache  # read once, at setup: the code that runs is the code at the start
@@ -1008,14 +1015,30 @@ def load_checkpoint(path):
     return state
 
 
-def restore(path, name, model, optimizer, scheduler, scaler, gen, args):
-    """Load a checkpoint into the run's objects; returns (next epoch, history so far)."""
-    state = load_checkpoint(path)
+def saved_setting(config, key):
+    """A run setting as a checkpoint saved it. Checkpoints from before --precision existed were
+    trained in float32 on a CPU and in bfloat16 on CUDA."""
+    if key == "precision" and key not in config:
+        return "bf16" if config.get("device") == "cuda" else "fp32"
+    return config.get(key)
+
+
+def keep_precision(config, args):
+    """--precision auto on a resume continues in the precision the run started in: on another
+    machine (a T4 after an A100, say) auto may pick another, and one run keeps one."""
+    saved = saved_setting(config, "precision")
+    if args.precision_asked == "auto" and saved != args.precision:
+        print(f"precision: {saved}, as the run started (auto would pick {args.precision} here)")
+        args.precision, args.precision_reason = saved, "as the run started"
+
+
+def restore(state, path, name, model, optimizer, scheduler, scaler, gen, args):
+    """Load a checkpoint's state into the run's objects; returns (next epoch, history so far)."""
     if state["model_name"] != name:
         raise UserError(f"{path} is a checkpoint of {state['model_name']}, not {name}: "
                         f"resume it with its own script")
     for key in RUN_SETTINGS:
-        saved, now = state["config"].get(key), getattr(args, key)
+        saved, now = saved_setting(state["config"], key), getattr(args, key)
         if saved != now:
             flag = "--" + key.replace("_", "-")
             raise UserError(f"{path} was made with {flag} {saved}, this run has {flag} {now}: "
@@ -1029,7 +1052,7 @@ def restore(path, name, model, optimizer, scheduler, scaler, gen, args):
         raise UserError(f"{path}: its weights do not fit {name} ({str(error).splitlines()[0][:100]})") from None
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    if scaler:
+    if scaler and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"]["torch"])
     if state["rng"]["cuda"]:
@@ -1058,7 +1081,7 @@ def loss_and_accuracy(logits, labels):
 
 
 def repeated_accuracies(model, images, labels, augment, repeats, seed=0, precision="fp32"):
-    """The report's test protocol: the test set through the training augmentation, `repeats` times.
+    """The report's test protocol: the test set through an augmentation, `repeats` times.
 
     A pass can only differ from the next if it is random, which a clean test pass is not.
     """

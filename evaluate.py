@@ -62,8 +62,9 @@ def parse_args(argv=None):
                         "--seed only) for mean ± std over them")
     p.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py (default: data)")
     p.add_argument("--device", choices=common.DEVICES, default="auto", help="default: auto")
-    p.add_argument("--precision", choices=common.PRECISIONS, default="auto",
-                   help="arithmetic, as in training (default: auto, what this device does natively)")
+    p.add_argument("--precision", choices=common.PRECISIONS,
+                   help="arithmetic (default: each checkpoint's own, so the clean accuracy equals its "
+                        "training run's; auto on another kind of device than it trained on)")
     p.add_argument("--repeats", type=int, default=100,
                    help="passes of the report's protocol (default: 100, as the report; 0: skip)")
     p.add_argument("--repeat-aug", choices=[*sorted(common.AUGMENTATIONS), "train"], default="seed",
@@ -101,17 +102,19 @@ def build_model(state, path):
 def evaluate(path, args, device):
     """Every measurement of one checkpoint, as a dict (the JSON's content)."""
     state = common.load_checkpoint(path)
-    model = build_model(state, path).to(device)
-    if common.uses_channels_last(device, args.precision):  # the layout predict() gives its batches
-        model = model.to(memory_format=torch.channels_last)
     config = state["config"]
+    precision, reason = evaluation_precision(config, device, args.precision)
+    print(f"{path}: precision {precision} ({reason})")
+    model = build_model(state, path).to(device)
+    if common.uses_channels_last(device, precision):  # the layout predict() gives its batches
+        model = model.to(memory_format=torch.channels_last)
     data, classes = common.load_data(args.data_dir, device, config["val_size"],
                                      config["subset"], config["dry_run"])
     test_x, test_y = data["test"]
-    common.predict(model, test_x[:common.EVAL_BATCH], precision=args.precision)  # warm-up: the
+    common.predict(model, test_x[:common.EVAL_BATCH], precision=precision)  # warm-up: the
     # first call loads kernels (cuDNN/cuBLAS start-up), which would inflate the time estimate
     start = time.perf_counter()
-    logits = common.predict(model, test_x, precision=args.precision)
+    logits = common.predict(model, test_x, precision=precision)
     correct = logits.argmax(dim=1) == test_y
     correct.any().item()  # waits for a GPU to finish, so the clock below is honest
     one_pass = time.perf_counter() - start
@@ -123,9 +126,9 @@ def evaluate(path, args, device):
         "per_class": per_class(correct, test_y, classes),
         "confusion": confusion(logits.argmax(dim=1), test_y).tolist(),
         "repeated": None, "tta_accuracy": None,
-        "train_accuracy": accuracy(model, *data["train"], args.precision),
-        "val_accuracy": accuracy(model, *data["val"], args.precision) if len(data["val"][1]) else None,
-        "precision": args.precision, "against_report": None,
+        "train_accuracy": accuracy(model, *data["train"], precision),
+        "val_accuracy": accuracy(model, *data["val"], precision) if len(data["val"][1]) else None,
+        "precision": precision, "against_report": None,
         "classes": classes, "correct": correct.cpu(),  # "correct" is for the comparison, not the JSON
     }
     if args.repeats:
@@ -133,16 +136,24 @@ def evaluate(path, args, device):
         print(f"{path}: the report's protocol, {args.repeats} passes of --aug {aug}: "
               f"about {args.repeats * one_pass:.0f} s here", flush=True)
         accuracies = common.repeated_accuracies(model, test_x, test_y, common.AUGMENTATIONS[aug],
-                                                args.repeats, args.seed, args.precision)
-        mean = sum(accuracies) / len(accuracies)
-        std = math.sqrt(sum((a - mean) ** 2 for a in accuracies) / max(len(accuracies) - 1, 1))
-        result["repeated"] = {"n": len(accuracies), "mean": mean, "std": std, "aug": aug,
-                              "accuracies": accuracies}
+                                                args.repeats, args.seed, precision)
+        passes = spread(accuracies)  # std over the passes: None for one pass
+        result["repeated"] = {"n": len(accuracies), "mean": passes["mean"], "std": passes["std"],
+                              "aug": aug, "accuracies": accuracies}
     if args.tta:
-        result["tta_accuracy"] = common.tta_accuracy(model, test_x, test_y, args.precision)
+        result["tta_accuracy"] = common.tta_accuracy(model, test_x, test_y, precision)
     if args.against_report:
         result["against_report"] = against_report(state["history"], read_report_log()[state["model_name"]])
     return result
+
+
+def evaluation_precision(config, device, requested):
+    """(precision, why): by default the checkpoint's own, so that the clean test accuracy here
+    equals the one its training run printed; on another kind of device, or with --precision,
+    what choose_precision says."""
+    if requested is None and torch.device(config["device"]).type == device.type:
+        return common.saved_setting(config, "precision"), "as trained"
+    return common.choose_precision(device, requested or "auto")
 
 
 def accuracy(model, images, labels, precision):
@@ -170,7 +181,8 @@ def format_result(r):
     if r["repeated"]:
         rep = r["repeated"]
         rows.append((f"report protocol ({rep['n']} passes)",
-                     f"{pct(rep['mean'])} ± {100 * rep['std']:.2f}", f"test images through --aug {rep['aug']}"))
+                     pct(rep["mean"]) + (f" ± {100 * rep['std']:.2f}" if rep["std"] is not None else ""),
+                     f"test images through --aug {rep['aug']}"))
     if r["tta_accuracy"] is not None:
         rows.append(("TTA (image + mirror)", pct(r["tta_accuracy"]), "averaged probabilities"))
     rows.append(("train accuracy (clean)", pct(r["train_accuracy"]), 'what the report\'s "val_accuracy" measured'))
@@ -193,10 +205,15 @@ def read_report_log(path=REPORT_LOG):
     val_acc is a fraction in [0, 1], like every accuracy in this project (the report printed 56.2%).
     """
     logs = {}
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            model = row.pop("model")
-            logs.setdefault(model, []).append({k: int(v) if k == "epoch" else float(v) for k, v in row.items()})
+    try:
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                model = row.pop("model")
+                logs.setdefault(model, []).append({k: int(v) if k == "epoch" else float(v)
+                                                   for k, v in row.items()})
+    except (OSError, KeyError, TypeError, ValueError) as error:
+        raise common.UserError(f"cannot read the report's log {path} ({error}): restore it with "
+                               f"git checkout {Path(path).name}") from None
     return logs
 
 
@@ -250,11 +267,15 @@ def format_against_report(r):
 def group_by_model(paths):
     """{model: [checkpoint paths]}, in the order given. The runs of one model must differ in
     --seed only: a group with anything else would average two different experiments."""
-    groups, settings = {}, {}
+    groups, settings, first = {}, {}, None
     for path in paths:
         state = common.load_checkpoint(path)
         name, meta = state.get("model_name"), {"config": state["config"], "epoch": state["epoch"]}
         del state  # keep only the settings: a ResNet9 checkpoint is 80 MB
+        first = first or (path, meta)
+        if meta["config"].get("dry_run") != first[1]["config"].get("dry_run"):  # before any work
+            raise common.UserError(f"{first[0]} and {path}: one is a --dry-run, tested on 500 images, "
+                                   f"the other not: compare runs of the same kind")
         for earlier in settings.get(name, []):
             check_same_run(*earlier, path, meta)
         settings.setdefault(name, []).append((path, meta))
@@ -263,15 +284,16 @@ def group_by_model(paths):
 
 
 def check_same_run(path_a, a, path_b, b):
-    """Two runs of one model: every run setting equal but the seed, and the seeds different."""
+    """Two runs of one model: finished, every run setting equal but the seed, seeds different."""
+    for path, run in ((path_a, a), (path_b, b)):
+        if run["epoch"] < run["config"]["epochs"]:
+            raise common.UserError(f"{path} holds epoch {run['epoch']} of {run['config']['epochs']}: "
+                                   f"finish it (--resume) before grouping it with other runs")
     for key in common.RUN_SETTINGS:
-        if key != "seed" and a["config"].get(key) != b["config"].get(key):
+        setting_a, setting_b = common.saved_setting(a["config"], key), common.saved_setting(b["config"], key)
+        if key != "seed" and setting_a != setting_b:
             raise common.UserError(f"{path_a} and {path_b} differ in --{key.replace('_', '-')} "
-                                   f"({a['config'].get(key)} vs {b['config'].get(key)}): "
-                                   f"group only runs that differ in --seed")
-    if a["epoch"] != b["epoch"]:
-        raise common.UserError(f"{path_a} and {path_b} differ in epochs trained ({a['epoch']} vs "
-                               f"{b['epoch']}): finish both runs (--resume), then group them")
+                                   f"({setting_a} vs {setting_b}): group only runs that differ in --seed")
     if a["config"]["seed"] == b["config"]["seed"]:
         raise common.UserError(f"{path_a} and {path_b} both have --seed {a['config']['seed']}: "
                                f"one run given twice would count twice; group runs of different seeds")
@@ -447,8 +469,7 @@ def beta_fraction(a, b, x, tiny=1e-300, eps=1e-15):
 def main(argv=None):
     args = parse_args(argv)
     device = common.resolve_device(args.device)
-    args.precision, reason = common.choose_precision(device, args.precision)
-    print(f"device: {common.device_name(device)}, precision: {args.precision} ({reason})")
+    print(f"device: {common.device_name(device)}")
     groups = group_by_model([Path(path) for path in args.checkpoints])
     results = [evaluate(Path(path), args, device) for path in args.checkpoints]
     for r in results:

@@ -378,11 +378,17 @@ def test_runs_of_other_settings_are_refused_by_name(seed_runs, tmp_path):
     s0, s1 = seed_runs["paths"]
     cases = [(edited_copy(s1, tmp_path / "aug.pt", aug="seed"), r"differ in --aug \(none vs seed\)"),
              (edited_copy(s1, tmp_path / "lr.pt", max_lr=0.001), r"differ in --max-lr \(0.01 vs 0.001\)"),
-             (edited_copy(s1, tmp_path / "short.pt", epoch=0), r"differ in epochs trained \(1 vs 0\)"),
+             (edited_copy(s1, tmp_path / "fp16.pt", precision="fp16"), r"differ in --precision \(\w+ vs fp16\)"),
              (edited_copy(s0, tmp_path / "again.pt"), "both have --seed 0")]
     for path, message in cases:
         with pytest.raises(common.UserError, match=f"^{re.escape(s0)} and {re.escape(path)} {message}"):
             evaluate.main(evaluate_args(seed_runs, s0, path, "--repeats", "0"))
+    unfinished = edited_copy(s1, tmp_path / "short.pt", epoch=0)
+    with pytest.raises(common.UserError, match=f"^{re.escape(unfinished)} holds epoch 0 of 1: finish it"):
+        evaluate.main(evaluate_args(seed_runs, s0, unfinished, "--repeats", "0"))
+    dry = edited_copy(s1, tmp_path / "dry.pt", dry_run=True)
+    with pytest.raises(common.UserError, match="one is a --dry-run"):
+        evaluate.main(evaluate_args(seed_runs, s0, dry, "--repeats", "0"))
 
 
 def test_t_distribution_p_values():

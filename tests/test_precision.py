@@ -66,6 +66,31 @@ def test_the_run_prints_records_and_enforces_its_precision(tiny_data_dir, tmp_pa
         train_cnn.main(args[:-1] + ["fp32", "--resume", str(tmp_path / "cnn.pt")])
 
 
+def test_auto_on_a_resume_keeps_the_runs_precision(tiny_data_dir, tmp_path, monkeypatch, capsys):
+    """A run started where auto picked bf16 and resumed where it would pick fp32 (another
+    machine: a T4 after an A100 on Colab) continues in bf16 instead of being refused."""
+    args = ["--data-dir", str(tiny_data_dir), "--out", str(tmp_path), "--val-size", "100",
+            "--epochs", "2", "--device", "cpu"]
+    train_cnn.main(args + ["--precision", "bf16", "--stop-after", "1"])
+    monkeypatch.setattr(common, "cpu_bf16_unit", lambda: None)  # the other machine
+    result = train_cnn.main(args + ["--resume", str(tmp_path / "cnn.pt")])
+    assert result["config"]["precision"] == "bf16"
+    assert "precision: bf16, as the run started (auto would pick fp32 here)" in capsys.readouterr().out
+
+
+def test_a_checkpoint_from_before_precision_resumes(tiny_data_dir, tmp_path):
+    """Checkpoints saved before --precision existed have no such setting: they trained in fp32
+    on a CPU, so they resume in fp32 (and without a scaler)."""
+    args = ["--data-dir", str(tiny_data_dir), "--out", str(tmp_path), "--val-size", "100",
+            "--epochs", "2", "--device", "cpu"]
+    train_cnn.main(args + ["--precision", "fp32", "--stop-after", "1"])
+    state = torch.load(tmp_path / "cnn.pt", weights_only=True)
+    del state["config"]["precision"], state["scaler"]
+    torch.save(state, tmp_path / "cnn.pt")
+    result = train_cnn.main(args + ["--resume", str(tmp_path / "cnn.pt")])
+    assert result["config"]["precision"] == "fp32" and len(result["history"]) == 2
+
+
 def test_a_bf16_cpu_run_is_deterministic(tiny_data_dir, tmp_path):
     def run(out):
         train_cnn.main(["--data-dir", str(tiny_data_dir), "--out", str(out), "--val-size", "100",
