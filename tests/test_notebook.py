@@ -14,13 +14,15 @@ import common
 from conftest import ROOT
 
 NOTEBOOK = ROOT / "colab.ipynb"
-OUTPUTS = ["augmentations.png", "cnn.pt", "cnn.json", "cnn_curves.png", "cnn_confusion.png",
-           "resnet9.pt", "resnet9.json", "resnet9_curves.png", "resnet9_confusion.png", "evaluation.json"]
+OUTPUTS = ["augmentations.png", "cnn.pt", "cnn.json", "cnn_curves.png", "cnn_confusion.png", "cnn_vs_report.png",
+           "resnet9.pt", "resnet9.json", "resnet9_curves.png", "resnet9_confusion.png", "resnet9_vs_report.png",
+           "evaluation.json"]
 
 
 def copy_of_project(folder):
-    """The scripts and the notebook alone in a fresh folder, so the outputs land there, not in runs/."""
-    for path in [*ROOT.glob("*.py"), NOTEBOOK]:
+    """The scripts, their data file and the notebook alone in a fresh folder, so the outputs land
+    there, not in runs/ (evaluate.py --against-report reads report_log.csv beside it)."""
+    for path in [*ROOT.glob("*.py"), ROOT / "report_log.csv", NOTEBOOK]:
         shutil.copy(path, folder)
     return folder
 
@@ -67,10 +69,11 @@ def test_the_notebook_runs_top_to_bottom_and_a_rerun_trains_nothing(tiny_data_di
     assert sorted(path.name for path in (folder / "runs" / "dry-run").iterdir()) == sorted(OUTPUTS)
     shown = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs
              if "image/png" in out.get("data", {})]
-    assert len(shown) == 5  # what the model sees, two curves, two confusion matrices
+    assert len(shown) == 7  # what the model sees, two curves, two beside the report's, two confusion matrices
     ran = cells(notebook)
     assert "Epoch: 1/1" in text(ran["train-cnn"]) and "Epoch: 1/1" in text(ran["train-resnet"])
     assert "The report's conclusion" in text(ran["evaluate"])
+    assert "against the report's cnn log" in text(ran["evaluate"])  # --against-report
     # After a disconnection, Run all again: finished models are skipped, not trained over.
     again = cells(kernel_run(folder, tiny_data_dir, monkeypatch).execute())
     assert "nothing to train" in text(again["train-cnn"]) and "nothing to train" in text(again["train-resnet"])
