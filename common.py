@@ -888,13 +888,34 @@ def git_commit():
         return None
 
 
-def plot_curves(history, path, title):
-    """Loss and accuracy per epoch, as a PNG, when matplotlib is installed (it is optional)."""
+def pyplot():
+    """matplotlib.pyplot drawing to files, or None: matplotlib is optional (Colab has it)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def save_figure(fig, path):
+    """Write the figure as a PNG and close it; True if written. A plot is not worth failing a
+    finished run for: a write error is one line on stderr."""
+    try:
+        save_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
+        return True
+    except UserError as error:
+        print(f"{error}; plot skipped", file=sys.stderr)
+        return False
+    finally:
+        pyplot().close(fig)
+
+
+def plot_curves(history, path, title):
+    """Loss and accuracy per epoch, as a PNG, when matplotlib is installed (it is optional)."""
+    plt = pyplot()
+    if plt is None:
         return False
     epochs = [row["epoch"] for row in history]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
@@ -907,14 +928,7 @@ def plot_curves(history, path, title):
     loss_ax.legend()
     acc_ax.legend()
     fig.tight_layout()
-    try:
-        fig.savefig(path, dpi=100)
-    except OSError as error:  # a plot is not worth failing a finished run for
-        print(f"could not write {path} ({error}); skipped", file=sys.stderr)
-        return False
-    finally:
-        plt.close(fig)
-    return True
+    return save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- checkpoints

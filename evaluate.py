@@ -35,7 +35,6 @@ import argparse
 import csv
 import importlib
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -502,11 +501,8 @@ def main(argv=None):
 
 def plot_confusion(r):
     """<checkpoint>_confusion.png beside the checkpoint, when matplotlib is installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = common.pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 5))
     image = ax.imshow(r["confusion"], cmap="Blues")
@@ -516,23 +512,14 @@ def plot_confusion(r):
     ax.set_yticklabels(r["classes"])
     fig.colorbar(image)
     fig.tight_layout()
-    path = Path(r["checkpoint"]).with_name(Path(r["checkpoint"]).stem + "_confusion.png")
-    try:
-        fig.savefig(path, dpi=100)
-    except OSError as error:
-        print(f"could not write {path} ({error}); skipped", file=sys.stderr)
-    plt.close(fig)
+    common.save_figure(fig, Path(r["checkpoint"]).with_name(Path(r["checkpoint"]).stem + "_confusion.png"))
 
 
 def plot_against_report(r):
     """<checkpoint>_vs_report.png beside the checkpoint: the report's log (all its epochs) and
     the run's, losses left, accuracies right, when matplotlib is installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import matplotlib.ticker
-    except ImportError:
+    plt = common.pyplot()
+    if plt is None:
         return
     report, rows = read_report_log()[r["model"]], r["against_report"]["rows"]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
@@ -548,16 +535,11 @@ def plot_against_report(r):
     loss_ax.set(xlabel="epoch", ylabel="loss", title=f"{r['model']}: loss, the report's and this run's")
     acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title=f"{r['model']}: accuracy")
     for ax in (loss_ax, acc_ax):
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     loss_ax.legend()
     acc_ax.legend()
     fig.tight_layout()
-    path = Path(r["checkpoint"]).with_name(Path(r["checkpoint"]).stem + "_vs_report.png")
-    try:
-        fig.savefig(path, dpi=100)
-    except OSError as error:
-        print(f"could not write {path} ({error}); skipped", file=sys.stderr)
-    plt.close(fig)
+    common.save_figure(fig, Path(r["checkpoint"]).with_name(Path(r["checkpoint"]).stem + "_vs_report.png"))
 
 
 if __name__ == "__main__":

@@ -41,12 +41,9 @@ def pictures(images, seed):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:  # checked first: no point loading the data for a picture that cannot be drawn
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise common.UserError("matplotlib is needed to draw the picture: pip install matplotlib") from None
+    plt = common.pyplot()  # checked first: no point loading the data for a picture that cannot be drawn
+    if plt is None:
+        raise common.UserError("matplotlib is needed to draw the picture: pip install matplotlib")
     _, _, test_x, test_y, classes = common.load_cifar10(args.data_dir)
     first = [int((test_y == c).nonzero()[0]) for c in range(common.NUM_CLASSES)]
     rows = pictures(test_x[first], args.seed)
@@ -62,8 +59,10 @@ def main(argv=None):
                 ax.set_title(classes[c], fontsize=9)
     fig.suptitle("What the model sees: test images, clean and through each --aug pipeline")
     fig.tight_layout()
-    common.save_atomic(args.out, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
+    try:
+        common.save_atomic(args.out, lambda f: fig.savefig(f, format="png", dpi=100))
+    finally:
+        plt.close(fig)
     print(f"wrote {args.out}")
 
 
