@@ -468,6 +468,8 @@ def beta_fraction(a, b, x, tiny=1e-300, eps=1e-15):
 def main(argv=None):
     args = parse_args(argv)
     device = common.resolve_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
     print(f"device: {common.device_name(device)}")
     groups = group_by_model([Path(path) for path in args.checkpoints])
     results = [evaluate(Path(path), args, device) for path in args.checkpoints]

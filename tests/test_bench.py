@@ -22,3 +22,7 @@ def test_bench_writes_consistent_numbers(tmp_path):
     assert (result["images"], result["steps_per_block"], result["model"]) == (256, 1, "cnn")
     assert result["device_type"] == "cpu" and result["torch"] and result["device"]
     assert result["goals"]["pipeline_overhead_under_10pct_on_gpu"] is None  # a GPU goal, not judged on CPU
+    # (d): both precisions timed side by side on a CPU; float16, emulated there, is not
+    assert result["step_seconds_fp32"] > 0 and result["step_seconds_bf16"] > 0
+    assert "step_seconds_fp16" not in result
+    assert result["precision"] in ("fp32", "bf16") and result["precision_reason"]
