@@ -61,7 +61,7 @@ def test_logged_learning_rates_equal_the_reports_column():
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
     images = torch.randint(0, 256, (782, 3, 32, 32), dtype=torch.uint8)
     labels = torch.randint(0, 10, (782,))
-    args = common.parse_args("", ["--batch-size", "1", "--aug", "none"])
+    args = common.parse_args("", ["--batch-size", "1", "--aug", "none", "--precision", "fp32"])
     optimizer = torch.optim.Adam(model.parameters(), lr=args.max_lr, weight_decay=args.weight_decay)
     scheduler = common.one_cycle(optimizer, args.max_lr, 20, common.steps_per_epoch(782, 1))
     gen = torch.Generator().manual_seed(0)
