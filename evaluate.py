@@ -10,11 +10,12 @@ For each checkpoint it reports:
   test_accuracy   clean: the 10,000 test images, normalisation only. This is the number.
   repeated        the report's protocol: the test set through an augmentation, --repeats
                   times. Only a random test pass can differ from pass to pass, so the
-                  report's 100 passes averaged the accuracy on distorted images, not the
-                  clean accuracy: that is what its 44.53% / 66.02% are. --repeat-aug picks
-                  the augmentation: seed (default) is the report's list, whatever the model
-                  was trained with; train is the checkpoint's own --aug; none gives passes
-                  equal to the clean pass.
+                  report's 100 passes most likely averaged the accuracy on distorted
+                  images, not the clean accuracy (the README's "How the report got its
+                  numbers" tests that reading). --repeat-aug picks the augmentation: seed
+                  (default) is the report's list, whatever the model was trained with;
+                  train is the checkpoint's own --aug; none gives passes equal to the clean
+                  pass.
   tta_accuracy    repeated passes done right (--tta): average each image's predicted
                   probabilities with its mirror image's, then decide.
   train_accuracy  clean accuracy on the images the model trained on: what the report's
@@ -184,7 +185,7 @@ def format_result(r):
                      f"test images through --aug {rep['aug']}"))
     if r["tta_accuracy"] is not None:
         rows.append(("TTA (image + mirror)", pct(r["tta_accuracy"]), "averaged probabilities"))
-    rows.append(("train accuracy (clean)", pct(r["train_accuracy"]), 'what the report\'s "val_accuracy" measured'))
+    rows.append(("train accuracy (clean)", pct(r["train_accuracy"]), 'what the report\'s "val_accuracy" behaves like'))
     rows.append(("val accuracy (held out)", pct(r["val_accuracy"]), "never trained on"))
     lines += [f"  {name:<28} {value:>16}   {note}" for name, value, note in rows]
     lines.append("  per class: " + ", ".join(f"{n} {100 * a:.1f}%" for n, a in r["per_class"].items()))
