@@ -180,7 +180,7 @@ def time_torchvision(images, labels):
 def make_step(name, device, precision):
     """A function that takes one training step, as common.train_epoch does (less its loss and
     accuracy bookkeeping), on a fresh model with the report's optimizer and schedule."""
-    settings = common.parse_args(None, ["--device", device.type])  # the report's settings
+    settings = common.parse_args(None, ["--device", device.type, "--precision", precision])  # the report's
     torch.manual_seed(0)
     model = MODELS[name]().to(device).train()
     if common.uses_channels_last(device, precision):  # as train_*.py
@@ -191,21 +191,7 @@ def make_step(name, device, precision):
     scaler = common.grad_scaler(device, precision)
 
     def step(inputs, targets):
-        with common.autocast(device, precision):
-            loss = torch.nn.functional.cross_entropy(model(inputs), targets)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        common.clip_gradients(model, settings.grad_clip, settings.clip_norm)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        scheduler.step()
+        common.train_step(model, optimizer, scheduler, scaler, inputs, targets, settings)
 
     return step
 

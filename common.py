@@ -480,14 +480,16 @@ def cpu_bf16_unit():
     Not torch.ops.mkldnn._is_mkldnn_bf16_supported(): it says yes on any AVX-512 CPU,
     including those that only emulate bfloat16, slowly.
     """
-    capabilities = getattr(torch.cpu, "get_capabilities", None)  # public from torch 2.10 or so
-    if capabilities is None:
-        return None
-    found = capabilities()
+    found = cpu_capabilities()
     for key, unit in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16")):
         if found.get(key):
             return unit
     return None
+
+
+def cpu_capabilities():
+    """What torch.cpu.get_capabilities() reports (public in recent torch); {} where it is missing."""
+    return getattr(torch.cpu, "get_capabilities", dict)()
 
 
 def cuda_capability(device):
@@ -545,8 +547,9 @@ def to_layout(batch, precision):
 
 
 def grad_scaler(device, precision):
-    """float16 gradients underflow: scale the loss up, unscale before clipping. None otherwise."""
-    return torch.amp.GradScaler(torch.device(device).type) if precision == "fp16" else None
+    """float16 gradients underflow: the scaler multiplies the loss up before backward and
+    divides it out again before clipping. For fp32 and bf16 it is disabled and passes through."""
+    return torch.amp.GradScaler(torch.device(device).type, enabled=precision == "fp16")
 
 
 def device_name(device):
@@ -554,8 +557,7 @@ def device_name(device):
         return torch.cuda.get_device_name(device)
     if device.type == "mps":
         return "mps (Apple GPU)"
-    capabilities = getattr(torch.cpu, "get_capabilities", dict)()
-    name = capabilities.get("cpu_name") or platform.processor() or platform.machine()
+    name = cpu_capabilities().get("cpu_name") or platform.processor() or platform.machine()
     return f"cpu ({name}, {torch.get_num_threads()} threads)"
 
 
@@ -697,13 +699,30 @@ class Progress:
             print("\r" + " " * 70 + "\r", end="", flush=True)
 
 
-def train_epoch(model, optimizer, scheduler, images, labels, gen, epoch, args, scaler=None):
-    """One pass over the training images in a fresh random order; returns the epoch's row.
+def train_step(model, optimizer, scheduler, scaler, inputs, targets, args):
+    """One step: forward in the run's precision, loss, backward, clipping, Adam, the schedule.
 
-    With fp16 a `scaler` multiplies the loss before backward, so small gradients do not
-    underflow, and divides it out again before clipping: clipping at 0.1 means what it
-    means in float32. It skips a step whose gradients overflowed, and lowers its scale.
+    With fp16 the scaler's backward runs on a scaled-up loss, and unscale_ divides it out
+    before clipping, so clipping at 0.1 means what it means in float32; a step whose gradients
+    overflowed is skipped. For fp32 and bf16 the scaler is disabled: each call passes through.
     """
+    with autocast(inputs.device, args.precision):
+        logits = model(inputs)
+        loss = F.cross_entropy(logits, targets)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    clip_gradients(model, args.grad_clip, args.clip_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    return logits, loss
+
+
+def train_epoch(model, optimizer, scheduler, images, labels, gen, epoch, args, scaler=None):
+    """One pass over the training images in a fresh random order; returns the epoch's row."""
+    if scaler is None:  # fit() passes the one it keeps for the whole run
+        scaler = grad_scaler(labels.device, args.precision)
     model.train()
     augment = AUGMENTATIONS[args.aug]
     order = torch.randperm(len(labels), generator=gen, device=labels.device)
@@ -720,23 +739,8 @@ def train_epoch(model, optimizer, scheduler, images, labels, gen, epoch, args, s
     for step in range(steps):
         batch = order[step * args.batch_size:(step + 1) * args.batch_size]
         inputs, targets = to_layout(augment(images[batch], gen), args.precision), labels[batch]
-        with autocast(labels.device, args.precision):
-            logits = model(inputs)
-            loss = F.cross_entropy(logits, targets)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        clip_gradients(model, args.grad_clip, args.clip_norm)
-        last_lr = optimizer.param_groups[0]["lr"]  # the rate this batch used: the report's last_lr
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        scheduler.step()
+        last_lr = optimizer.param_groups[0]["lr"]  # the rate this batch uses: the report's last_lr
+        logits, loss = train_step(model, optimizer, scheduler, scaler, inputs, targets, args)
         loss_sums[step] = loss.detach().float() * len(batch)
         correct += (logits.argmax(dim=1) == targets).sum()
         progress.tick(step + 1)
@@ -780,13 +784,13 @@ def fit(name, model, optimizer, scheduler, data, args):
     if not args.resume and paths["checkpoint"].exists():  # a new run must not replace a saved one
         raise UserError(f"{paths['checkpoint']} exists: continue it with --resume "
                         f"{paths['checkpoint']}, or choose another --out (or delete it)")
-    saved = load_checkpoint(args.resume) if args.resume else None
-    if saved:
-        keep_precision(saved["config"], args)
+    resumed = load_checkpoint(args.resume) if args.resume else None
+    if resumed:
+        keep_precision(resumed["config"], args)
     scaler = grad_scaler(device, args.precision)
     first, history = 1, []
-    if saved:
-        first, history = restore(saved, args.resume, name, model, optimizer, scheduler, scaler, gen, args)
+    if resumed:
+        first, history = restore(resumed, args.resume, name, model, optimizer, scheduler, scaler, gen, args)
         print(f"resumed {args.resume} after epoch {first - 1}")
         if args.stop_after is not None and args.stop_after < first:
             raise UserError(f"--stop-after {args.stop_after}: {args.resume} already holds epoch {first - 1}")
@@ -943,7 +947,7 @@ def checkpoint(name, model, optimizer, scheduler, scaler, gen, args, history, te
     return {
         "program": PROGRAM, "model_name": name, "model": model.state_dict(),
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler else None,
+        "scaler": scaler.state_dict() if scaler.is_enabled() else None,
         "epoch": history[-1]["epoch"], "history": history, "config": config_of(args),
         "rng": {"torch": torch.get_rng_state(), "cuda": cuda_states, "data": gen.get_state()},
         "test_accuracy": test_accuracy,
@@ -1066,7 +1070,7 @@ def restore(state, path, name, model, optimizer, scheduler, scaler, gen, args):
         raise UserError(f"{path}: its weights do not fit {name} ({str(error).splitlines()[0][:100]})") from None
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    if scaler and state.get("scaler"):
+    if scaler.is_enabled():
         scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"]["torch"])
     if state["rng"]["cuda"]:
