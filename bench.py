@@ -4,12 +4,12 @@
     python bench.py --device cpu --json runs/bench_cpu.json --data-dir /tmp/cifar
     python bench.py --device cuda --json runs/bench_cuda.json --model cnn
 
-Three measurements, side by side in one process, all of the report's pipeline (--aug seed)
+Three measurements, side by side in one process, all of the report's pipeline (--aug report)
 on batches of 64 images:
-  (a) batched      common.augment_seed on uint8 batches already on the device, every image
+  (a) batched      common.augment_report on uint8 batches already on the device, every image
                    with its own random parameters from a generator on the device. After a
                    warm-up; on CUDA the clock is read only after a synchronize.
-  (b) torchvision  common.torchvision_pipeline("seed") applied one image at a time by a
+  (b) torchvision  common.torchvision_pipeline("report") applied one image at a time by a
                    DataLoader with 2 worker processes, as a Colab notebook does. Timed: one
                    full pass over the same images, from creating the iterator (the workers
                    start then, as at every epoch of a notebook) to the last batch received on
@@ -18,7 +18,7 @@ on batches of 64 images:
                    flatter (b).
   (c) step         seconds per training step of a real model, (1) bare: a fixed, already
                    normalised batch on the device; (2) full: the training loop's path, a
-                   permuted slice of the uint8 images on the device, augment_seed, forward,
+                   permuted slice of the uint8 images on the device, augment_report, forward,
                    loss, backward, clip_grad_value_(0.1), Adam, OneCycle. At the precision
                    the training scripts' --precision auto picks on this device.
                    pipeline overhead = (full - bare) / full.
@@ -132,15 +132,15 @@ def synchronize(device):
 # ----------------------------------------------------------------------------- (a) batched
 
 def time_batched(images, device):
-    """Images per second of common.augment_seed, batch by batch over `images` on `device`."""
+    """Images per second of common.augment_report, batch by batch over `images` on `device`."""
     images = images.to(device)
     gen = torch.Generator(device).manual_seed(0)
     for _ in range(AUGMENT_WARMUP):
-        common.augment_seed(images[:BATCH], gen)
+        common.augment_report(images[:BATCH], gen)
     synchronize(device)
     start = time.perf_counter()
     for first in range(0, len(images), BATCH):
-        common.augment_seed(images[first:first + BATCH], gen)
+        common.augment_report(images[first:first + BATCH], gen)
     synchronize(device)
     return len(images) / (time.perf_counter() - start)
 
@@ -162,7 +162,7 @@ class PerImage(Dataset):
 
 def time_torchvision(images, labels):
     """(images per second, seconds to the first batch) of one pass of the notebook's loader."""
-    transform = common.torchvision_pipeline("seed")
+    transform = common.torchvision_pipeline("report")
     for image in images[:BATCH]:  # warm-up: lazy imports and first calls, inherited by the workers
         transform(image)
     loader = DataLoader(PerImage(images, labels, transform), batch_size=BATCH, shuffle=True,
@@ -209,7 +209,7 @@ def full_batches(images, labels, gen, precision):
         order = torch.randperm(len(labels), generator=gen, device=labels.device)
         for first in range(0, len(labels) - BATCH + 1, BATCH):
             batch = order[first:first + BATCH]
-            yield common.to_layout(common.augment_seed(images[batch], gen), precision), labels[batch]
+            yield common.to_layout(common.augment_report(images[batch], gen), precision), labels[batch]
 
 
 def time_steps(step, batches, steps, device):
@@ -326,7 +326,7 @@ def table(r):
         f"data: {data}",
         f"augmentation (the report's), {r['images']:,} images in batches of {r['batch_size']}"
         .ljust(54) + "images/s".rjust(12),
-        row(f"(a) batched, common.augment_seed on {r['device_type']}", f"{r['batched_images_per_s']:,.0f}"),
+        row(f"(a) batched, common.augment_report on {r['device_type']}", f"{r['batched_images_per_s']:,.0f}"),
         row(f"(b) torchvision per image, DataLoader, {r['workers']} workers",
             f"{r['torchvision_images_per_s']:,.0f}",
             f"one pass incl. worker start-up (first batch {r['torchvision_first_batch_s']:.2f} s)"),
@@ -336,7 +336,7 @@ def table(r):
         f"{r['steps_per_block']} steps"
         .ljust(54) + "s/step".rjust(12),
         row("(1) bare: a fixed normalised batch on the device", f"{r['step_seconds_bare']:.4f}"),
-        row("(2) full: permuted slice, augment_seed, step", f"{r['step_seconds_full']:.4f}"),
+        row("(2) full: permuted slice, augment_report, step", f"{r['step_seconds_full']:.4f}"),
         row("pipeline overhead (full - bare) / full", f"{100 * r['pipeline_overhead']:.1f}%",
             goal_note("< 10% on GPU", goals["pipeline_overhead_under_10pct_on_gpu"])),
         row("(a)'s time for one batch / full step", f"{100 * r['augment_share_of_step']:.1f}%",

@@ -72,6 +72,9 @@ def load_cifar10(data_dir):
     """
     data_dir = Path(data_dir)
     folder = data_dir / "cifar-10-batches-py"
+    if not folder.is_dir() and (data_dir / "data_batch_1").is_file():
+        raise UserError(f"{data_dir} is the cifar-10-batches-py folder itself: pass the folder "
+                        f"that holds it, --data-dir {data_dir.parent}")
     if not folder.is_dir():
         _fetch_archive(data_dir)
     meta = _read_pickle(folder / "batches.meta")
@@ -93,9 +96,13 @@ def _fetch_archive(data_dir):
     archive = data_dir / CIFAR10_TGZ
     if not archive.exists():
         print(f"{data_dir / 'cifar-10-batches-py'} not found: downloading {CIFAR10_URL}", flush=True)
+        made_folder = not data_dir.exists()
         try:
             download_url(CIFAR10_URL, str(data_dir), CIFAR10_TGZ, CIFAR10_MD5)
         except Exception as error:  # offline, server down, proxy...: all mean the same to the user
+            if made_folder:  # leave no empty folder behind to puzzle the user
+                with contextlib.suppress(OSError):
+                    data_dir.rmdir()
             raise UserError(
                 f"CIFAR-10 not found in {data_dir.resolve()} (no cifar-10-batches-py folder, no "
                 f"{CIFAR10_TGZ}) and the download failed ({type(error).__name__}: {error}). "
@@ -310,18 +317,19 @@ def _blurred(images):
     return blurred
 
 
-def color_jitter(images, gen):
+def color_jitter(images, gen, whole_batch=None):
     """With p=JITTER_P per image: brightness, contrast, saturation and sharpness, in that order.
 
     Each is torchvision's blend with a reference image (black, mean grey, greyscale, blurred).
     The result is the same on every device; only the way to compute it differs. On a GPU
     the whole batch is computed and `torch.where` keeps the chosen images, since picking
     them out (`nonzero`) would make the GPU wait; on a CPU only the ~10% chosen are computed.
+    (`whole_batch` forces one way or the other: the tests run the GPU's way on a CPU.)
     """
     n, device = len(images), images.device
     chosen = torch.rand(n, generator=gen, device=device) < JITTER_P
     factors = _uniform(4 * n, 1 - JITTER, 1 + JITTER, gen, device).view(4, n)
-    if images.is_cuda:
+    if images.is_cuda if whole_batch is None else whole_batch:
         return torch.where(chosen.view(-1, 1, 1, 1), _jitter(images, *factors), images)
     picked = chosen.nonzero().squeeze(1)
     out = images.clone()
@@ -360,19 +368,34 @@ def normalize(images):
     return (images - mean).div_(std)
 
 
-def augment_seed(images, gen):
+REPORT_STEPS = ("crop", "rotate", "flip", "colour", "erase")  # the report's pipeline, in order
+
+
+def augment_report(images, gen, steps=REPORT_STEPS):
     """The report's training pipeline (uint8 batch -> normalised float batch).
 
     Crop (scale 0.08-1) + rotation (+-20 deg) + flip (p=0.1) in one resampling, then with
     p=0.1 colour jitter, then Normalize, then erasing (p=0.75) with value 0, which after
-    normalisation is mid-grey, as in the report's order.
+    normalisation is mid-grey, as in the report's order. `steps` leaves some out (evaluate.py
+    --ablation); Normalize is always done. Every geometric draw is made either way, so a step
+    left out changes nothing else.
     """
     n, device = len(images), images.device
     top, left, h, w = sample_crops(n, gen, device)
     degrees = _uniform(n, -MAX_ROTATION, MAX_ROTATION, gen, device)
     flip = torch.rand(n, generator=gen, device=device) < FLIP_P
+    if "crop" not in steps:  # the whole image as the box: no crop, no resize
+        top, left = torch.zeros_like(top), torch.zeros_like(left)
+        h, w = torch.full_like(h, IMAGE_SIZE), torch.full_like(w, IMAGE_SIZE)
+    if "rotate" not in steps:
+        degrees = torch.zeros_like(degrees)
+    if "flip" not in steps:
+        flip = torch.zeros_like(flip)
     out = resample(to_float(images), top, left, h, w, degrees, flip)
-    return erase(normalize(color_jitter(out, gen)), gen)
+    if "colour" in steps:
+        out = color_jitter(out, gen)
+    out = normalize(out)
+    return erase(out, gen) if "erase" in steps else out
 
 
 def augment_standard(images, gen):
@@ -396,10 +419,10 @@ def augment_none(images, gen=None):
     return normalize(to_float(images))
 
 
-AUGMENTATIONS = {"seed": augment_seed, "standard": augment_standard, "none": augment_none}
+AUGMENTATIONS = {"report": augment_report, "standard": augment_standard, "none": augment_none}
 
 
-def torchvision_pipeline(aug="seed"):
+def torchvision_pipeline(aug="report"):
     """The same augmentation written with torchvision transforms, applied one image at a time.
 
     Not used for training: it is the peer that bench.py races and the tests compare with.
@@ -505,8 +528,10 @@ def choose_precision(device, requested="auto"):
         major, minor = cuda_capability(device)
         if major >= 8:  # Ampere and later: bfloat16 tensor cores
             return "bf16", f"CUDA compute capability {major}.{minor}: native bfloat16"
-        # T4 (7.5), V100 (7.0): no native bfloat16 (emulated or refused), but float16 tensor cores
-        return "fp16", f"CUDA compute capability {major}.{minor}: no native bfloat16, float16 with a gradient scaler"
+        if major >= 7:  # T4 (7.5), V100 (7.0): no native bfloat16, but float16 tensor cores
+            return "fp16", f"CUDA compute capability {major}.{minor}: no native bfloat16, float16 with a gradient scaler"
+        # P100 (6.0), GTX 10xx (6.1): no tensor cores at all, so float16 would gain little
+        return "fp32", f"CUDA compute capability {major}.{minor}: no bfloat16 or float16 tensor cores"
     if device.type == "cpu":
         unit = cpu_bf16_unit()
         if unit:
@@ -572,8 +597,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """--help shows each default, and the script's docstring as it is written."""
 
 
-def parse_args(description, argv=None, prog=None):
-    """The training scripts' command line, with the report's settings as defaults."""
+def parse_args(description, argv=None, prog=None, name=None):
+    """The training scripts' command line, with the report's settings as defaults.
+
+    With `name` (the model's, which names its files), the output folder is checked before any
+    work: a run never replaces another run's checkpoint. On a resume, `--precision auto` means
+    the precision the run started in, known from here on (the model's memory layout needs it)."""
     p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter,
                                 allow_abbrev=False)  # so next_step can find --resume and --stop-after
     p.add_argument("--epochs", type=int, default=20, help="training epochs")
@@ -582,8 +611,8 @@ def parse_args(description, argv=None, prog=None):
     p.add_argument("--weight-decay", type=float, default=1e-4, help="Adam's weight decay")
     p.add_argument("--grad-clip", type=float, default=0.1, help="clip each gradient value to +-this (0: off)")
     p.add_argument("--clip-norm", action="store_true", help="clip the gradients' total norm instead of each value")
-    p.add_argument("--aug", choices=sorted(AUGMENTATIONS), default="seed",
-                   help="training augmentation: the report's (seed), pad-crop-flip (standard), or none")
+    p.add_argument("--aug", choices=sorted(AUGMENTATIONS), default="report",
+                   help="training augmentation: report (the report's pipeline), standard (pad-crop-flip) or none")
     p.add_argument("--val-size", type=int, default=5000,
                    help="training images held out for validation (0: train on all 50,000 as the report)")
     p.add_argument("--subset", type=int, default=0, help="train on only this many images (0: all)")
@@ -594,7 +623,8 @@ def parse_args(description, argv=None, prog=None):
                    help="arithmetic: auto picks bf16 on GPUs and CPUs with native bfloat16, fp16 "
                         "(with a gradient scaler) on older GPUs such as Colab's T4, else fp32")
     p.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py (downloaded if missing)")
-    p.add_argument("--out", default="runs", help="folder for the checkpoint, JSON and curves")
+    p.add_argument("--out", help="folder for the checkpoint, JSON and curves (default: runs; "
+                                 "with --resume, the checkpoint's own folder)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model (CUDA; fixed shapes: a few graphs, each compiled once)")
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in this checkpoint")
@@ -606,7 +636,7 @@ def parse_args(description, argv=None, prog=None):
     args.prog, args.argv = p.prog, list(sys.argv[1:] if argv is None else argv)  # for next_step
     if args.dry_run:
         args.epochs, args.subset, args.val_size = 1, 128, 100
-        args.out = str(Path(args.out) / "dry-run")  # never over a real run's files
+    args.out = output_folder(args.out, args.resume, args.dry_run)
     for flag in ("epochs", "batch_size"):
         if getattr(args, flag) <= 0:
             p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
@@ -620,7 +650,34 @@ def parse_args(description, argv=None, prog=None):
     args.device = str(resolve_device(args.device))
     args.precision_asked = args.precision  # "auto" on a resume means: as the run started
     args.precision, args.precision_reason = choose_precision(args.device, args.precision)
+    if name:
+        check_outputs(name, args)
+    if args.resume:
+        keep_precision(load_checkpoint(args.resume)["config"], args)
     return args
+
+
+def output_folder(out, resume, dry_run):
+    """--out as given; else a resumed run continues in its checkpoint's folder, a new one in
+    runs/. A dry run writes under <out>/dry-run, never over a real run's files."""
+    if out is None and resume:
+        return str(Path(resume).parent)
+    out = Path(out or "runs")
+    return str(out / "dry-run") if dry_run else str(out)
+
+
+def check_outputs(name, args):
+    """Refuse a run that would replace a checkpoint it was not asked to continue."""
+    target = output_paths(args.out, name)["checkpoint"]
+    if not target.exists():
+        return
+    if not args.resume:
+        raise UserError(f"{target} exists: continue it with --resume {target}, or choose another "
+                        f"--out (or delete it)")
+    if Path(args.resume).exists() and not target.samefile(args.resume):
+        raise UserError(f"--out {args.out} holds another run ({target}); continuing {args.resume} "
+                        f"there would replace it: leave out --out to continue in "
+                        f"{Path(args.resume).parent}, or choose an --out without a {target.name}")
 
 
 DEVICES = ["auto", "cpu", "cuda", "mps"]
@@ -642,6 +699,10 @@ def setup(args):
         torch.backends.cudnn.benchmark = True  # every shape is fixed: pick the fastest kernels once
     print(f"device: {device_name(torch.device(args.device))}, precision: {args.precision} "
           f"({args.precision_reason})")
+    if args.dry_run:
+        print("dry run: a check that the code runs end to end (1 epoch of 128 images, 500 test "
+              "images), not a measurement: two steps at the peak learning rate can leave any "
+              "loss, even 20 or more, and chance accuracy (10%)")
     return torch.device(args.device)
 
 
@@ -781,12 +842,8 @@ def fit(name, model, optimizer, scheduler, data, args):
     device = torch.device(args.device)
     gen = torch.Generator(device).manual_seed(args.seed)  # epoch order and augmentation
     paths = output_paths(args.out, name)
-    if not args.resume and paths["checkpoint"].exists():  # a new run must not replace a saved one
-        raise UserError(f"{paths['checkpoint']} exists: continue it with --resume "
-                        f"{paths['checkpoint']}, or choose another --out (or delete it)")
+    check_outputs(name, args)  # parse_args did too, before any work; fit is the one that writes
     resumed = load_checkpoint(args.resume) if args.resume else None
-    if resumed:
-        keep_precision(resumed["config"], args)
     scaler = grad_scaler(device, args.precision)
     first, history = 1, []
     if resumed:
@@ -803,6 +860,8 @@ def fit(name, model, optimizer, scheduler, data, args):
         for epoch in range(first, last + 1):
             history.append(run_epoch(forward, optimizer, scheduler, scaler, data, gen, epoch, args))
             print(format_row(history[-1], args.epochs), flush=True)
+            if epoch == first and last > epoch:
+                print(time_left(history[-1]["seconds"], epoch, last), flush=True)
             with ctrl_c_deferred():  # a Ctrl-C now lands after the files are written
                 save_checkpoint(checkpoint(name, model, optimizer, scheduler, scaler, gen, args, history),
                                 paths["checkpoint"])
@@ -831,7 +890,16 @@ def finish(name, model, forward, optimizer, scheduler, scaler, gen, data, args, 
           f"train time: {result['train_seconds']:.0f} s")
     plotted = plot_curves(history, paths["curves"], name)
     print(f"saved {paths['checkpoint']}, {paths['json']}" + (f", {paths['curves']}" if plotted else ""))
+    print(f"next: python evaluate.py {shlex.quote(str(paths['checkpoint']))} --tta  "
+          f"(the report's protocol too: 100 passes; --repeats 10 on a CPU)")
     return result
+
+
+def time_left(seconds, epoch, last):
+    """After the first epoch: how long the rest will take at its pace."""
+    minutes = seconds * (last - epoch) / 60
+    when = f"{minutes:.0f} min" if minutes < 90 else f"{minutes / 60:.1f} h"
+    return f"about {when} left for epochs {epoch + 1}-{last}, at this epoch's pace"
 
 
 def output_paths(out, name):
@@ -875,8 +943,10 @@ def summary(name, model, args, history, test_accuracy=None):
 
 
 def config_of(args):
-    return {key: value for key, value in vars(args).items()
-            if key not in ("argv", "prog", "precision_reason", "precision_asked")}
+    config = {key: value for key, value in vars(args).items()
+              if key not in ("argv", "prog", "precision_reason", "precision_asked")}
+    config["data_dir"] = str(Path(args.data_dir).resolve())  # so evaluate.py finds it from anywhere
+    return config
 
 
 @functools.cache  # read once, at setup: the code that runs is the code at the start
@@ -923,14 +993,18 @@ def plot_curves(history, path, title):
         return False
     epochs = [row["epoch"] for row in history]
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    # train is measured on the augmented batches while the model learns; val on clean held-out
+    # images after the epoch: with heavy augmentation, train lies BELOW val, and that is no bug
+    labels = {"train": "train (augmented batches, during the epoch)", "val": "val (held out, clean)"}
     for split in ("train", "val"):
         if history and history[-1][f"{split}_loss"] is not None:
-            loss_ax.plot(epochs, [row[f"{split}_loss"] for row in history], "o-", label=split)
-            acc_ax.plot(epochs, [100 * row[f"{split}_accuracy"] for row in history], "o-", label=split)
+            loss_ax.plot(epochs, [row[f"{split}_loss"] for row in history], "o-", label=labels[split])
+            acc_ax.plot(epochs, [100 * row[f"{split}_accuracy"] for row in history], "o-", label=labels[split])
     loss_ax.set(xlabel="epoch", ylabel="loss", title=f"{title}: loss")
     acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title=f"{title}: accuracy")
-    loss_ax.legend()
-    acc_ax.legend()
+    for ax in (loss_ax, acc_ax):
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+        ax.legend()
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -938,6 +1012,7 @@ def plot_curves(history, path, title):
 # ----------------------------------------------------------------------------- checkpoints
 
 PROGRAM = "cifar10-report"  # marks checkpoints written by this project's training scripts
+ZIP_MAGIC = b"PK\x03\x04"  # the first bytes of every file torch.save writes
 
 
 def checkpoint(name, model, optimizer, scheduler, scaler, gen, args, history, test_accuracy=None):
@@ -1017,20 +1092,33 @@ def load_checkpoint(path):
         raise UserError(f"checkpoint {path} does not exist")
     if path.stat().st_size == 0:
         raise UserError(f"checkpoint {path} is empty")
+    with open(path, "rb") as f:
+        if f.read(4) != ZIP_MAGIC:  # torch.save writes a zip archive; a JSON, a picture... is not one
+            raise UserError(f"{path} is not a checkpoint (not a PyTorch file)" + _checkpoint_hint(path))
     try:
         with warnings.catch_warnings():  # torch warns about foreign pickles: we say it in one line
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        reason = str(error).strip().splitlines()[0][:150]
-        raise UserError(f"{path} was refused by the safe loader: it is not a plain checkpoint "
-                        f"({reason})") from None
+    except pickle.UnpicklingError:
+        raise UserError(f"{path} was refused by the safe loader, unread: it holds objects other "
+                        f"than tensors and plain containers, which our training scripts never "
+                        f"save, and unpickling them could run code") from None
     except Exception as error:
         raise UserError(f"{path} is truncated or not a PyTorch checkpoint "
                         f"({type(error).__name__})") from None
     if not isinstance(state, dict) or state.get("program") != PROGRAM:
         raise UserError(f"{path} was not written by train_cnn.py or train_resnet.py")
+    if state["config"].get("aug") == "seed":  # the report's pipeline had that name until it was
+        state["config"]["aug"] = "report"  # renamed; such checkpoints load, resume and group as it
     return state
+
+
+def _checkpoint_hint(path):
+    """For a file that is not a checkpoint: the one the user probably meant."""
+    for name in ("cnn.pt", "resnet9.pt"):
+        if path.name.startswith(name.split(".")[0]) and path.with_name(name).is_file():
+            return f": the run's checkpoint is {path.with_name(name)}"
+    return ": pass the .pt file a training run saved, e.g. runs/cnn.pt"
 
 
 def saved_setting(config, key):
@@ -1046,8 +1134,7 @@ def keep_precision(config, args):
     machine (a T4 after an A100, say) auto may pick another, and one run keeps one."""
     saved = saved_setting(config, "precision")
     if args.precision_asked == "auto" and saved != args.precision:
-        print(f"precision: {saved}, as the run started (auto would pick {args.precision} here)")
-        args.precision, args.precision_reason = saved, "as the run started"
+        args.precision, args.precision_reason = saved, f"as the run started; auto would pick {args.precision} here"
 
 
 def restore(state, path, name, model, optimizer, scheduler, scaler, gen, args):

@@ -12,7 +12,7 @@ For each checkpoint it reports:
                   times. Only a random test pass can differ from pass to pass, so the
                   report's 100 passes most likely averaged the accuracy on distorted
                   images, not the clean accuracy (the README's "How the report got its
-                  numbers" tests that reading). --repeat-aug picks the augmentation: seed
+                  numbers" tests that reading). --repeat-aug picks the augmentation: report
                   (default) is the report's list, whatever the model was trained with;
                   train is the checkpoint's own --aug; none gives passes equal to the clean
                   pass.
@@ -34,6 +34,7 @@ the images one model gets right and the other does not.
 """
 import argparse
 import csv
+import functools
 import importlib
 import math
 import time
@@ -60,20 +61,25 @@ def parse_args(argv=None):
     p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
                    help="one .pt file; two to compare; several runs of each model (differing in "
                         "--seed only) for mean ± std over them")
-    p.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py (default: data)")
+    p.add_argument("--data-dir", help="folder holding cifar-10-batches-py (default: the folder each "
+                                      "checkpoint trained on, when it still holds it; else data)")
     p.add_argument("--device", choices=common.DEVICES, default="auto", help="default: auto")
     p.add_argument("--precision", choices=common.PRECISIONS,
                    help="arithmetic (default: each checkpoint's own, so the clean accuracy equals its "
                         "training run's; auto on another kind of device than it trained on)")
     p.add_argument("--repeats", type=int, default=100,
                    help="passes of the report's protocol (default: 100, as the report; 0: skip)")
-    p.add_argument("--repeat-aug", choices=[*sorted(common.AUGMENTATIONS), "train"], default="seed",
-                   help="what the report's protocol passes the test images through: seed, the "
+    p.add_argument("--repeat-aug", choices=[*sorted(common.AUGMENTATIONS), "train"], default="report",
+                   help="what the report's protocol passes the test images through: report, the "
                         "report's list, whatever the model was trained with (default); standard, "
                         "pad-crop-flip; none, so every pass equals the clean one; train, the "
                         "augmentation the checkpoint was trained with (its --aug)")
     p.add_argument("--seed", type=int, default=0, help="seed of the repeated passes (default: 0)")
     p.add_argument("--tta", action="store_true", help="also measure test-time augmentation (flips)")
+    p.add_argument("--ablation", action="store_true",
+                   help="the test set through each step of the report's pipeline alone, and through "
+                        "the pipeline without each (crop, rotate, flip, colour, erase; Normalize "
+                        "always), --repeats passes each: which step costs the model how much")
     p.add_argument("--against-report", action="store_true",
                    help="print the run's epoch log beside the report's, say which of the run's "
                         "columns each report column tracks, and draw it (<checkpoint>_vs_report.png)")
@@ -81,6 +87,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.repeats < 0:
         p.error(f"--repeats must not be negative, got {args.repeats}")
+    if args.ablation and not args.repeats:
+        p.error("--ablation needs --repeats 1 or more (passes per pipeline)")
     common.check_device(p, args.device)
     return args
 
@@ -104,11 +112,12 @@ def evaluate(path, args, device):
     state = common.load_checkpoint(path)
     config = state["config"]
     precision, reason = evaluation_precision(config, device, args.precision)
-    print(f"{path}: precision {precision} ({reason})")
+    data_dir = data_folder(config, args.data_dir)
+    print(f"{path}: precision {precision} ({reason}), data from {data_dir}")
     model = build_model(state, path).to(device)
     if common.uses_channels_last(device, precision):  # the layout predict() gives its batches
         model = model.to(memory_format=torch.channels_last)
-    data, classes = common.load_data(args.data_dir, device, config["val_size"],
+    data, classes = common.load_data(data_dir, device, config["val_size"],
                                      config["subset"], config["dry_run"])
     test_x, test_y = data["test"]
     common.predict(model, test_x[:common.EVAL_BATCH], precision=precision)  # warm-up: the
@@ -120,7 +129,8 @@ def evaluate(path, args, device):
     one_pass = time.perf_counter() - start
     result = {
         "checkpoint": str(path), "model": state["model_name"], "params": common.count_params(model),
-        "epochs": state["epoch"], "aug": config["aug"], "seed": config["seed"],
+        "epochs": state["epoch"], "planned_epochs": config["epochs"], "dry_run": config["dry_run"],
+        "not_the_reports_schedule": schedule_differences(config), "aug": config["aug"], "seed": config["seed"],
         "train_seconds": sum(row["seconds"] for row in state["history"]),
         "test_accuracy": correct.float().mean().item(),
         "per_class": per_class(correct, test_y, classes),
@@ -128,23 +138,87 @@ def evaluate(path, args, device):
         "repeated": None, "tta_accuracy": None,
         "train_accuracy": accuracy(model, *data["train"], precision),
         "val_accuracy": accuracy(model, *data["val"], precision) if len(data["val"][1]) else None,
-        "precision": precision, "against_report": None,
+        "precision": precision, "against_report": None, "ablation": None,
         "classes": classes, "correct": correct.cpu(),  # "correct" is for the comparison, not the JSON
     }
     if args.repeats:
         aug = config["aug"] if args.repeat_aug == "train" else args.repeat_aug
         print(f"{path}: the report's protocol, {args.repeats} passes of --aug {aug}: "
               f"about {args.repeats * one_pass:.0f} s here", flush=True)
-        accuracies = common.repeated_accuracies(model, test_x, test_y, common.AUGMENTATIONS[aug],
-                                                args.repeats, args.seed, precision)
-        passes = spread(accuracies)  # std over the passes: None for one pass
-        result["repeated"] = {"n": len(accuracies), "mean": passes["mean"], "std": passes["std"],
-                              "aug": aug, "accuracies": accuracies}
+        result["repeated"] = {**passes(model, test_x, test_y, common.AUGMENTATIONS[aug], args, precision),
+                              "aug": aug}
+    if args.ablation:
+        print(f"{path}: the ablation, {2 * len(common.REPORT_STEPS)} pipelines of {args.repeats} "
+              f"passes: about {2 * len(common.REPORT_STEPS) * args.repeats * one_pass:.0f} s here", flush=True)
+        result["ablation"] = ablation(model, test_x, test_y, args, precision)
     if args.tta:
         result["tta_accuracy"] = common.tta_accuracy(model, test_x, test_y, precision)
     if args.against_report:
         result["against_report"] = against_report(state["history"], read_report_log()[state["model_name"]])
+        result["against_report"]["like_for_like"] = not result["not_the_reports_schedule"]
     return result
+
+
+def passes(model, images, labels, augment, args, precision):
+    """The report's protocol through `augment`: --repeats seeded passes, their mean and spread."""
+    accuracies = common.repeated_accuracies(model, images, labels, augment, args.repeats, args.seed, precision)
+    over = spread(accuracies)  # std over the passes: None for one pass
+    return {"n": len(accuracies), "mean": over["mean"], "std": over["std"], "accuracies": accuracies}
+
+
+def ablation(model, images, labels, args, precision):
+    """The report's pipeline taken apart: each step alone, and the pipeline without each.
+
+    Every pipeline starts from the same seed and augment_report draws every geometric parameter
+    whichever steps are on, so "crop only" and "without rotate" crop the same boxes: the
+    differences between pipelines are not blurred by new random draws."""
+    steps = common.REPORT_STEPS
+    result = {"only": {}, "without": {}}
+    for step in steps:
+        for kind, kept in (("only", (step,)), ("without", tuple(s for s in steps if s != step))):
+            augment = functools.partial(common.augment_report, steps=kept)
+            measured = passes(model, images, labels, augment, args, precision)
+            result[kind][step] = {"mean": measured["mean"], "std": measured["std"]}
+    return result
+
+
+def format_ablation(r):
+    """One row per step of the report's pipeline: the accuracy with it alone, and without it."""
+    a, rep = r["ablation"], r["repeated"]  # --ablation needs --repeats, so rep is there
+
+    def cell(m):
+        return pct(m["mean"]) + (f" ± {100 * m['std']:.2f}" if m["std"] is not None else "")
+
+    lines = [f"{r['checkpoint']}: the report's test pipeline taken apart, {rep['n']} passes each "
+             f"(clean: {pct(r['test_accuracy'])}; through --aug {rep['aug']}: {pct(rep['mean'])})",
+             f"  {'step':<8} {'this step alone':>18} {'all but this step':>19}"]
+    lines += [f"  {step:<8} {cell(a['only'][step]):>18} {cell(a['without'][step]):>19}" for step in a["only"]]
+    return "\n".join(lines)
+
+
+def data_folder(config, given):
+    """--data-dir if given; else the folder the run trained on, while it still holds CIFAR-10."""
+    if given:
+        return given
+    trained_on = config.get("data_dir")
+    if trained_on and (Path(trained_on) / "cifar-10-batches-py").is_dir():
+        return trained_on
+    return "data"
+
+
+# The report's schedule: a run with other values cannot be compared with its log line for line.
+REPORT_SCHEDULE = {"epochs": 20, "batch_size": 64, "max_lr": 0.01, "weight_decay": 1e-4,
+                   "grad_clip": 0.1, "clip_norm": False, "subset": 0, "dry_run": False}
+
+
+def schedule_differences(config):
+    """The flags by which a run's schedule differs from the report's: [] for none."""
+    differences = []
+    for key, value in REPORT_SCHEDULE.items():
+        if config.get(key) != value:
+            flag = "--" + key.replace("_", "-")
+            differences.append(flag if isinstance(value, bool) else f"{flag} {config.get(key)} (the report's: {value})")
+    return differences
 
 
 def evaluation_precision(config, device, requested):
@@ -174,8 +248,21 @@ def pct(value):
     return "-" if value is None else f"{100 * value:.2f}%"
 
 
+def unfinished(r):
+    return r["epochs"] < r["planned_epochs"]
+
+
+def run_kind(r):
+    """How far the run got, in words, for every line that names it."""
+    if r["dry_run"]:
+        return "a dry run"
+    if unfinished(r):
+        return f"UNFINISHED: epoch {r['epochs']} of {r['planned_epochs']}"
+    return f"{r['epochs']} epochs"
+
+
 def format_result(r):
-    lines = [f"{r['checkpoint']}: {r['model']}, {r['params']:,} params, {r['epochs']} epochs "
+    lines = [f"{r['checkpoint']}: {r['model']}, {r['params']:,} params, {run_kind(r)} "
              f"(--aug {r['aug']}), {r['train_seconds']:.0f} s of training"]
     rows = [("clean test accuracy", pct(r["test_accuracy"]), "all test images, normalisation only")]
     if r["repeated"]:
@@ -245,6 +332,9 @@ def format_against_report(r):
 
     lines = [f"{r['checkpoint']} against the report's {r['model']} log ({a['epochs']} of its "
              f"{a['report_epochs']} epochs):",
+             *([f"  NOT like for like: this run has {', '.join(r['not_the_reports_schedule'])}; its "
+                f"schedule is not the report's, so its columns cannot be compared with the report's "
+                f"epoch for epoch (shown, not measured against it)"] if not a["like_for_like"] else []),
              f"  {'':>5} | {'train_loss':^17} | {'val_loss':^17} | {'report':>7} {'run':>7} {'run':>7}",
              f"  {'epoch':>5} | {'report':>8} {'run':>8} | {'report':>8} {'run':>8} | "
              f"{'val_acc':>7} {'train':>7} {'val':>7}"]
@@ -352,14 +442,18 @@ def compare(a, b):
     names = [f"{r['model']} ({Path(r['checkpoint']).name})" for r in (a, b)]
     table = [f"{'':<22}{names[0]:>24}{names[1]:>24}"]
     table += [f"{label:<22}{fmt(a):>24}{fmt(b):>24}" for label, fmt in rows]
+    for r in (a, b):
+        if unfinished(r) and not r["dry_run"]:
+            table.append(f"{r['checkpoint']} is {run_kind(r)}: this compares it as it stands now")
     return "\n".join(table), verdict(a, b)
 
 
 def verdict(a, b):
     """Which model is better on clean test accuracy, whether that is more than noise, and
-    whether the report's conclusion (the ResNet is better) holds on honest numbers.
+    what that says of the report's conclusion (the ResNet is better).
 
-    Noise: McNemar's test on the images exactly one of the two models gets right.
+    Noise: McNemar's test on the images exactly one of the two models gets right. That is the
+    test set's noise for these two trained networks, not how much another seed would change them.
     """
     better, worse = (a, b) if a["test_accuracy"] >= b["test_accuracy"] else (b, a)
     gap = 100 * (better["test_accuracy"] - worse["test_accuracy"])
@@ -372,11 +466,14 @@ def verdict(a, b):
             f"clean test accuracy, {gap:.2f} points; ")
     text += ("more than test-set noise" if result["significant"] else "within test-set noise") + \
             f" (McNemar z = {z:.1f}: {only_better} images only it gets right, {only_worse} only the other)."
-    result["text"] = text + report_conclusion(result, {r["model"]: r["test_accuracy"] for r in (a, b)})
+    text += ("\nOne run of each: McNemar weighs the test set's noise for these two trained networks, "
+             "not how much a new seed changes them; for that, train several seeds of each and "
+             "evaluate them together (README: Several seeds).")
+    result["text"] = text + report_conclusion(result, {r["model"]: r["test_accuracy"] for r in (a, b)}, [a, b])
     return result
 
 
-def verdict_over_seeds(models):
+def verdict_over_seeds(models, runs):
     """The verdict for two models with several runs each: the gap between their mean clean test
     accuracies, weighed against how much that accuracy varies from seed to seed.
 
@@ -396,25 +493,41 @@ def verdict_over_seeds(models):
         result["text"] = text + ("not tested: the spread over seeds needs two or more runs of each model ("
                                  + ", ".join(f"{name} has {m['n']}" for name, m in models.items()) + ").")
         if set(models) == {"cnn", "resnet9"}:
-            result["report_conclusion_holds"] = None
+            result["report_conclusion"] = None
         return result
     t, df, p = welch(high["values"], low["values"])
     result.update(welch_t=t, df=df, p_value=p, significant=p < 0.05)
     stat = f"t = {t:.2f}, df = {df:.1f}, p = {p:.3g}" if t is not None else f"no spread at all, p = {p:g}"
     text += ("more than the spread over seeds" if result["significant"] else "within the spread over seeds")
     text += f" (Welch's {stat})."
-    result["text"] = text + report_conclusion(result, {n: m["test_accuracy"]["mean"] for n, m in models.items()})
+    result["text"] = text + report_conclusion(result, {n: m["test_accuracy"]["mean"] for n, m in models.items()}, runs)
     return result
 
 
-def report_conclusion(result, accuracies):
-    """Sets result["report_conclusion_holds"] when the two models are the report's; returns its line."""
+# What the verdict says of the report's conclusion (the ResNet beats the CNN), in the JSON and in words.
+CONCLUSIONS = {"holds": "holds: the ResNet9 is better, beyond the noise",
+               "not shown": "is not shown: the gap is within the noise (which does not refute it either)",
+               "reversed": "is reversed: the CNN is better, beyond the noise"}
+
+
+def report_conclusion(result, accuracies, runs):
+    """Sets result["report_conclusion"] ("holds", "not shown", "reversed"; None for dry runs)
+    when the two models are the report's; returns its line, with what limits it."""
     if set(accuracies) != {"cnn", "resnet9"}:
         return ""
-    holds = accuracies["resnet9"] > accuracies["cnn"] and result["significant"]
-    result["report_conclusion_holds"] = holds
-    return (f"\nThe report's conclusion (the ResNet beats the CNN; it measured {REPORT['resnet9']}% vs "
-            f"{REPORT['cnn']}%) {'holds' if holds else 'does NOT hold'} on clean test accuracy.")
+    if any(r["dry_run"] for r in runs):
+        result["report_conclusion"] = None
+        return "\nNo verdict on the report's conclusion: dry runs check the code, they measure nothing."
+    if not result["significant"]:
+        outcome = "not shown"
+    else:
+        outcome = "holds" if accuracies["resnet9"] > accuracies["cnn"] else "reversed"
+    result["report_conclusion"] = outcome
+    limits = [f"{r['checkpoint']} is {run_kind(r)}" for r in runs if unfinished(r)]
+    limits += sorted({f"{d}" for r in runs for d in r["not_the_reports_schedule"]})
+    line = (f"\nThe report's conclusion (the ResNet beats the CNN; it measured {REPORT['resnet9']}% vs "
+            f"{REPORT['cnn']}%) {CONCLUSIONS[outcome]}, on clean test accuracy")
+    return line + (f"; for these runs only, not the report's schedule ({'; '.join(limits)})." if limits else ".")
 
 
 def welch(a, b):
@@ -477,9 +590,14 @@ def main(argv=None):
     for r in results:
         print(format_result(r))
         plot_confusion(r)
+        if r["ablation"]:
+            print(format_ablation(r))
         if r["against_report"]:
             print(format_against_report(r))
             plot_against_report(r)
+    if any(r["dry_run"] for r in results):
+        print("dry run: a check of the code (1 epoch of 128 training images, tested on 500), "
+              "not a measurement; its numbers say nothing of the models or of the report")
     sizes = sorted({len(r["correct"]) for r in results})
     if len(sizes) > 1:
         raise common.UserError(f"the checkpoints were tested on {' and '.join(f'{s:,}' for s in sizes)} "
@@ -491,7 +609,7 @@ def main(argv=None):
         output = {"checkpoints": results, "comparison": judged}
     elif len(results) > len(groups):  # several runs of a model: over the seeds
         models = summarise(groups, results)
-        judged = verdict_over_seeds(models) if len(models) == 2 else None
+        judged = verdict_over_seeds(models, results) if len(models) == 2 else None
         print("\n" + format_models(models) + ("\n\n" + judged["text"] if judged else ""))
         output = {"checkpoints": results, "models": models, "comparison": judged}
     for r in results:

@@ -3,8 +3,8 @@
     python show_augmentations.py --data-dir data --out docs/augmentations.png
 
 One column per class (its first test image). The top row is the clean image, as the honest
-test pass sees it (--aug none: normalisation only). Then --aug standard, then the report's
---aug seed, several random draws each: the report ran its test images through --aug seed
+test pass sees it (--aug none: normalisation only). Then --aug standard, then the report's own
+pipeline, --aug report, several random draws each: the report ran its test images through --aug report
 "100 times", and every pass drew new crops, rotations and erasings, as these rows do.
 Grey boxes are the erasing (value 0 after Normalize), black corners the rotation's fill.
 Needs matplotlib (pip install matplotlib; Colab has it). The same --seed gives the same picture.
@@ -15,7 +15,7 @@ import torch
 
 import common
 
-DRAWS = {"none": 1, "standard": 2, "seed": 4}  # rows per pipeline: a random one needs several
+DRAWS = {"none": 1, "standard": 2, "report": 4}  # rows per pipeline: a random one needs several
 
 
 def parse_args(argv=None):

@@ -5,7 +5,7 @@
     python train_resnet.py --dry-run         # check everything works, in seconds
 
 Settings are the report's: Adam, one-cycle learning rate peaking at 0.01, weight decay 1e-4,
-gradient values clipped at 0.1, batch 64, 20 epochs, its augmentation (--aug seed).
+gradient values clipped at 0.1, batch 64, 20 epochs, its augmentation (--aug report).
 "val" is 5,000 training images held out and never trained on; the test accuracy printed at
 the end is clean (no augmentation) on all 10,000 test images. Expected results and times:
 see the README's results table. On a 2-core CPU an epoch takes minutes (about 5 in bf16 where
@@ -52,7 +52,7 @@ class ResNet9(nn.Module):
 
 def main(argv=None):
     # arguments, seed and device
-    args = common.parse_args(__doc__, argv, prog="train_resnet.py")
+    args = common.parse_args(__doc__, argv, prog="train_resnet.py", name="resnet9")
     device = common.setup(args)
     # data: uint8 tensors on the training device for the whole run
     data, _ = common.load_data(args.data_dir, device, args.val_size, args.subset, args.dry_run)

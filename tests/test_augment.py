@@ -19,7 +19,7 @@ import common
 SIZE = common.IMAGE_SIZE
 Z = 5.0  # sigmas for binomial and mean comparisons
 ALPHA = 1e-6  # false-alarm rate for each Kolmogorov-Smirnov comparison
-AUGS = ["seed", "standard", "none"]
+AUGS = ["report", "standard", "none"]
 # the report's numbers, written out: the tests must not follow common.py if its constants drift
 REPORT_FLIP_P, REPORT_ERASE_P, REPORT_JITTER_P, REPORT_MAX_ROTATION = 0.1, 0.75, 0.1, 20.0
 
@@ -90,7 +90,7 @@ def test_output_is_float32_normalised_and_sized(aug, n):
     assert torch.equal(images, before)  # the input batch is not modified
 
 
-@pytest.mark.parametrize("aug", ["seed", "standard"])
+@pytest.mark.parametrize("aug", ["report", "standard"])
 def test_same_seed_same_batch_other_seed_other_batch(aug):
     images = random_images(32, seed=1)
     augment = common.AUGMENTATIONS[aug]
@@ -109,7 +109,7 @@ def test_augment_none_is_normalisation_only():
 def test_each_image_gets_its_own_parameters():
     """One image repeated 64 times: torchvision.v2 on a batch would give 64 equal outputs."""
     batch = random_images(1, seed=3).expand(64, -1, -1, -1).contiguous()
-    out = common.augment_seed(batch, gen(0)).flatten(1)
+    out = common.augment_report(batch, gen(0)).flatten(1)
     assert len(out.unique(dim=0)) == 64
     # standard has 9 x 9 shifts x 2 flips = 162 outcomes: 64 draws give ~53 distinct on average
     out = common.augment_standard(batch, gen(0)).flatten(1)
@@ -332,10 +332,10 @@ def test_erase_zeroes_one_box_in_three_of_four_images(erase_params):
     assert ks_ok((height * width).double() / SIZE ** 2, (tv[:, 2] * tv[:, 3] / SIZE ** 2)[tv[:, 2] > 0])
 
 
-def test_augment_seed_erases_three_images_in_four():
+def test_augment_report_erases_three_images_in_four():
     """White images: an erased box is exact mid-grey (0) in all channels, at least 2x2 pixels."""
     n = 3000
-    out = common.augment_seed(torch.full((n, 3, SIZE, SIZE), 255, dtype=torch.uint8), gen(3))
+    out = common.augment_report(torch.full((n, 3, SIZE, SIZE), 255, dtype=torch.uint8), gen(3))
     grey = (out == 0).all(1).flatten(1).sum(1)
     assert binomial_ok(int((grey >= 4).sum()), n, REPORT_ERASE_P)
 
@@ -388,9 +388,9 @@ def test_plane_fit_measures_known_angles_and_flips():
     assert (measured_angle(gx, gy) - angles.abs()).abs().max() <= ANGLE_ERR
 
 
-def test_augment_seed_flips_one_in_ten_and_rotates_up_to_20_degrees():
+def test_augment_report_flips_one_in_ten_and_rotates_up_to_20_degrees():
     n = 3000
-    gx, gy, rms = plane_fit(common.augment_seed(x_ramp(n), gen(5)))
+    gx, gy, rms = plane_fit(common.augment_report(x_ramp(n), gen(5)))
     # erasing can blank the central region, colour jitter can bend it: keep the clean fits
     good = rms < 0.01
     assert good.float().mean() >= 0.9
@@ -424,6 +424,57 @@ def test_color_jitter_brightness_factor_is_uniform_in_0_8_to_1_2():
     assert binomial_ok(int((factor > 1).sum()), len(factor), 0.5)
 
 
+def test_color_jitter_the_gpus_way_gives_the_cpus_images():
+    """On a GPU every image is computed and torch.where keeps the chosen; on a CPU only the
+    chosen are computed. Forced on this CPU, the GPU's way must give the same images."""
+    images = torch.rand(256, 3, 32, 32, generator=gen(11))
+    gpu_way = common.color_jitter(images, gen(12), whole_batch=True)
+    cpu_way = common.color_jitter(images, gen(12), whole_batch=False)
+    assert not torch.equal(gpu_way, images)  # some images were changed
+    assert torch.allclose(gpu_way, cpu_way, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the ablation's steps
+
+def test_all_report_steps_are_the_report_pipeline_and_none_is_clean():
+    images = random_images(64, seed=12)
+    assert torch.equal(common.augment_report(images, gen(1), steps=common.REPORT_STEPS),
+                       common.augment_report(images, gen(1)))
+    assert torch.allclose(common.augment_report(images, gen(1), steps=()), common.augment_none(images), atol=1e-5)
+
+
+def test_each_report_step_alone_does_only_that():
+    n = 2000
+    images = random_images(n, seed=13)
+    clean = common.augment_none(images)
+    flipped = common.augment_report(images, gen(2), steps=("flip",))
+    mirrored = torch.isclose(flipped, clean.flip(-1), atol=1e-5).flatten(1).all(1)
+    assert (mirrored | torch.isclose(flipped, clean, atol=1e-5).flatten(1).all(1)).all()
+    assert binomial_ok(int(mirrored.sum()), n, REPORT_FLIP_P)
+    erased = common.augment_report(images, gen(3), steps=("erase",))
+    kept = torch.isclose(erased, clean, atol=1e-5)
+    assert torch.equal(erased[~kept], torch.zeros_like(erased[~kept]))  # only boxes of 0 (mid-grey)
+    assert binomial_ok(int((~kept).flatten(1).any(1).sum()), n, REPORT_ERASE_P)
+    coloured = common.augment_report(images, gen(4), steps=("colour",))
+    changed = ~torch.isclose(coloured, clean, atol=1e-5).flatten(1).all(1)
+    assert binomial_ok(int(changed.sum()), n, REPORT_JITTER_P)
+    gx, gy, rms = plane_fit(common.augment_report(x_ramp(n), gen(5), steps=("rotate",)))
+    angle = measured_angle(gx[rms < 0.01], gy[rms < 0.01])
+    assert (gx[rms < 0.01] > 0).all()  # rotated, never mirrored
+    assert REPORT_MAX_ROTATION - ANGLE_ERR <= angle.abs().max() <= REPORT_MAX_ROTATION + ANGLE_ERR
+
+
+def test_a_step_left_out_leaves_the_other_draws_alone():
+    """Every geometric parameter is drawn whichever steps are on: the same seed crops the same
+    boxes with and without rotation, so the ablation's pipelines differ by their step only."""
+    images = random_images(64, seed=14)
+    crop_only = common.augment_report(images, gen(6), steps=("crop",))
+    crop_flip = common.augment_report(images, gen(6), steps=("crop", "flip"))
+    same = torch.isclose(crop_only, crop_flip, atol=1e-5).flatten(1).all(1)
+    mirrored = torch.isclose(crop_only.flip(-1), crop_flip, atol=1e-5).flatten(1).all(1)
+    assert (same | mirrored).all() and same.sum() > 40 and mirrored.any()
+
+
 # ----------------------------------------------------------------------------- augment_standard
 
 def test_augment_standard_is_a_shift_of_the_padded_image_maybe_flipped():
@@ -452,15 +503,15 @@ def test_augment_standard_is_a_shift_of_the_padded_image_maybe_flipped():
 
 N_REAL = 2000
 # Per-channel mean and std of the outputs over the same 2,000 images, ours vs torchvision's,
-# each from one run. Measured spread of one run over seeds (sd, worst channel): "seed" means
+# each from one run. Measured spread of one run over seeds (sd, worst channel): "report" means
 # 0.0023 ours / 0.0032 torchvision, stds 0.0017 / 0.0015, black-pixel fraction 0.0011 / 0.0009,
 # grey (erased) fraction 0.0033 / 0.0018; "standard" means 0.0016 / 0.0015, stds 0.0011 / 0.0006.
 # Each limit is > 5 sd of the difference of two runs. Measured mean differences (averaged over
 # 8 and 4 runs) are <= 0.0013 everywhere once the crop is filled as torchvision fills it; rotated-
-# in corners read from beyond the crop box instead of black move "seed" means by 0.05, stds by 0.04
+# in corners read from beyond the crop box instead of black move "report" means by 0.05, stds by 0.04
 # and the black fraction from 0.063 to 0.007.
-STAT_TOL = {("seed", "mean"): 0.02, ("seed", "std"): 0.012, ("standard", "mean"): 0.012, ("standard", "std"): 0.008}
-FRACTION_TOL = {-1.0: 0.008, 0.0: 0.02}  # "seed": pixels black in all channels, exactly grey in all
+STAT_TOL = {("report", "mean"): 0.02, ("report", "std"): 0.012, ("standard", "mean"): 0.012, ("standard", "std"): 0.008}
+FRACTION_TOL = {-1.0: 0.008, 0.0: 0.02}  # "report": pixels black in all channels, exactly grey in all
 
 
 @pytest.fixture(scope="module")
@@ -476,7 +527,7 @@ def torchvision_outputs(images, aug, seed):
         return torch.stack([pipeline(image) for image in images])
 
 
-@pytest.mark.parametrize("aug", ["seed", "standard"])
+@pytest.mark.parametrize("aug", ["report", "standard"])
 def test_pixel_statistics_match_torchvision_pipeline(real_images, aug):
     ours = common.AUGMENTATIONS[aug](real_images, gen(12))
     peer = torchvision_outputs(real_images, aug, seed=13)
@@ -484,7 +535,7 @@ def test_pixel_statistics_match_torchvision_pipeline(real_images, aug):
     for name, stat in (("mean", torch.mean), ("std", torch.std)):
         a, b = stat(ours, dim=(0, 2, 3)), stat(peer, dim=(0, 2, 3))
         assert (a - b).abs().max() <= STAT_TOL[aug, name], f"{aug} {name}: ours {a.tolist()}, torchvision {b.tolist()}"
-    if aug == "seed":  # black: corners rotated in from outside the crop; exact grey: erased (value 0)
+    if aug == "report":  # black: corners rotated in from outside the crop; exact grey: erased (value 0)
         for value, tol in FRACTION_TOL.items():
             a, b = ((t == value).all(1).float().mean().item() for t in (ours, peer))
             assert abs(a - b) <= tol, f"fraction of pixels at {value}: ours {a:.4f}, torchvision {b:.4f}"

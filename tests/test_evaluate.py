@@ -58,7 +58,7 @@ def test_repeated_passes_are_seeded(runs):
     again = evaluate.main(evaluate_args(runs, ckpt, "--repeats", "3", "--seed", "1",
                                         "--repeat-aug", "train"))["repeated"]  # trained with seed
     other = evaluate.main(evaluate_args(runs, ckpt, "--repeats", "3", "--seed", "2"))["repeated"]
-    assert first == again and first["aug"] == "seed"
+    assert first == again and first["aug"] == "report"
     assert first["n"] == 3 and len(first["accuracies"]) == 3
     assert first["mean"] == pytest.approx(sum(first["accuracies"]) / 3)
     assert first["accuracies"] != other["accuracies"]
@@ -69,7 +69,14 @@ def test_tta_leaves_the_clean_accuracy_alone(runs):
     plain = evaluate.main(evaluate_args(runs, ckpt, "--repeats", "0"))
     with_tta = evaluate.main(evaluate_args(runs, ckpt, "--repeats", "0", "--tta"))
     assert with_tta["test_accuracy"] == plain["test_accuracy"]
-    assert 0 <= with_tta["tta_accuracy"] <= 1
+    state = common.load_checkpoint(ckpt)  # the same measure, by hand: each image and its mirror
+    model = evaluate.build_model(state, ckpt).eval()
+    test_x, test_y = common.load_data(runs["data"], "cpu", 100)[0]["test"]
+    with torch.no_grad(), common.autocast("cpu", state["config"]["precision"]):
+        views = [model(common.to_layout(common.augment_none(x), state["config"]["precision"])).float()
+                 for x in (test_x, test_x.flip(-1))]
+    by_hand = ((views[0].softmax(1) + views[1].softmax(1)).argmax(1) == test_y).float().mean().item()
+    assert with_tta["tta_accuracy"] == pytest.approx(by_hand)
 
 
 def test_tta_averages_an_image_with_its_mirror():
@@ -96,16 +103,26 @@ def test_report_protocol_lies_below_clean_accuracy_on_real_data(real_cnn_run, re
     _, _, test_x, test_y, _ = common.load_cifar10(real_data_dir)
     test_x, test_y = test_x[:2000], test_y[:2000]
     clean = common.loss_and_accuracy(common.predict(model, test_x), test_y)[1]
-    repeated = common.repeated_accuracies(model, test_x, test_y, common.augment_seed, 3)
-    assert len(set(repeated)) == 3  # the passes differ: the test pass is random
+    repeated = common.repeated_accuracies(model, test_x, test_y, common.augment_report, 3)
     assert sum(repeated) / 3 < clean - 0.02
+    gen = torch.Generator().manual_seed(0)  # the passes differ image by image: the test pass is random
+    first, second = (common.predict(model, test_x, common.augment_report, gen).argmax(1) for _ in range(2))
+    assert (first != second).float().mean() > 0.05
 
 
 def test_train_and_val_accuracy_are_reported(runs):
-    result = evaluate.main(evaluate_args(runs, str(runs["dir"] / "cnn.pt"), "--repeats", "0"))
-    assert 0 <= result["train_accuracy"] <= 1 and 0 <= result["val_accuracy"] <= 1
+    ckpt = runs["dir"] / "cnn.pt"
+    result = evaluate.main(evaluate_args(runs, str(ckpt), "--repeats", "0"))
     final = runs["cnn"]["history"][-1]
     assert result["val_accuracy"] == pytest.approx(final["val_accuracy"])  # the same held-out images
+    state = common.load_checkpoint(ckpt)  # clean accuracy on the 500 training images, by hand
+    model = evaluate.build_model(state, ckpt).eval()
+    train_x, train_y = common.load_data(runs["data"], "cpu", 100)[0]["train"]
+    assert len(train_y) == 500
+    with torch.no_grad(), common.autocast("cpu", state["config"]["precision"]):
+        logits = model(common.to_layout(common.augment_none(train_x), state["config"]["precision"])).float()
+    assert result["train_accuracy"] == pytest.approx((logits.argmax(1) == train_y).float().mean().item())
+    assert result["train_accuracy"] != result["val_accuracy"]  # two measures, not one printed twice
 
 
 def test_two_checkpoints_are_compared(runs, tmp_path, capsys):
@@ -117,30 +134,59 @@ def test_two_checkpoints_are_compared(runs, tmp_path, capsys):
         assert label in printed
     assert "1,125,258" in printed and "6,637,194" in printed
     comparison = result["comparison"]
-    accuracies = {r["model"]: r["test_accuracy"] for r in result["checkpoints"]}
-    assert comparison["better"] == max(accuracies, key=accuracies.get)
-    assert comparison["gap_points"] == pytest.approx(100 * abs(accuracies["cnn"] - accuracies["resnet9"]))
-    holds = accuracies["resnet9"] > accuracies["cnn"] and comparison["significant"]
-    assert comparison["report_conclusion_holds"] == holds
-    assert ("holds" if holds else "does NOT hold") in comparison["text"]
+    right = {}  # each model's right answers, image by image, from its own forward pass
+    for name in ("cnn", "resnet9"):
+        state = common.load_checkpoint(runs["dir"] / f"{name}.pt")
+        model = evaluate.build_model(state, name).eval()
+        test_x, test_y = common.load_data(runs["data"], "cpu", 100)[0]["test"]
+        right[name] = common.predict(model, test_x, precision=state["config"]["precision"]).argmax(1) == test_y
+    accuracies = {name: correct.float().mean().item() for name, correct in right.items()}
+    assert accuracies == {r["model"]: r["test_accuracy"] for r in result["checkpoints"]}
+    better, worse = sorted(right, key=accuracies.get, reverse=True)
+    only_better, only_worse = int((right[better] & ~right[worse]).sum()), int((right[worse] & ~right[better]).sum())
+    assert comparison["better"] == better
+    assert comparison["mcnemar_z"] == pytest.approx((only_better - only_worse) / max(only_better + only_worse, 1) ** 0.5)
+    assert f"{only_better} images only it gets right, {only_worse} only the other" in comparison["text"]
+    assert "not how much a new seed changes them" in comparison["text"]
+    assert comparison["report_conclusion"] in ("holds", "not shown", "reversed")
+    assert "for these runs only, not the report's schedule" in comparison["text"]  # 2 and 1 epochs
+    assert "--epochs 2 (the report's: 20)" in comparison["text"] and "--subset 64" in comparison["text"]
     saved = json.loads(out.read_text())
     assert [r["model"] for r in saved["checkpoints"]] == ["cnn", "resnet9"]
     assert saved["comparison"]["better"] == comparison["better"]
 
 
-def test_verdict_counts_disagreements():
-    base = {"checkpoint": "x", "params": 1}
-    a = {**base, "model": "cnn", "test_accuracy": 0.5, "correct": torch.tensor([True] * 50 + [False] * 50)}
-    b = {**base, "model": "resnet9", "test_accuracy": 0.9, "correct": torch.tensor([True] * 90 + [False] * 10)}
-    judged = evaluate.verdict(a, b)
+def judged_run(model, right, wrong, **changes):
+    """What verdict() reads of one evaluated run: `right` images right, then `wrong` wrong."""
+    return {"checkpoint": f"{model}.pt", "params": 1, "model": model, "test_accuracy": right / (right + wrong),
+            "correct": torch.tensor([True] * right + [False] * wrong), "dry_run": False, "epochs": 20,
+            "planned_epochs": 20, "not_the_reports_schedule": [], **changes}
+
+
+def test_verdict_counts_disagreements_and_says_what_it_shows():
+    cnn = judged_run("cnn", 50, 50)
+    judged = evaluate.verdict(cnn, judged_run("resnet9", 90, 10))  # 40 images only the ResNet9 gets
     assert judged["better"] == "resnet9" and judged["gap_points"] == pytest.approx(40)
     assert judged["mcnemar_z"] == pytest.approx(40 / 40 ** 0.5) and judged["significant"]
-    assert judged["report_conclusion_holds"]
-    b["correct"] = torch.tensor([True] * 51 + [False] * 49)
-    b["test_accuracy"] = 0.51
-    judged = evaluate.verdict(a, b)
-    assert not judged["significant"] and not judged["report_conclusion_holds"]
-    assert "within test-set noise" in judged["text"]
+    assert judged["report_conclusion"] == "holds" and "conclusion (the ResNet beats the CNN" in judged["text"]
+    judged = evaluate.verdict(cnn, judged_run("resnet9", 51, 49))  # 1 image: noise
+    assert not judged["significant"] and judged["report_conclusion"] == "not shown"
+    assert "within test-set noise" in judged["text"] and "is not shown" in judged["text"]
+    assert "does not refute it" in judged["text"] and "NOT hold" not in judged["text"]
+    judged = evaluate.verdict(cnn, judged_run("resnet9", 20, 80))  # the CNN, 30 images better
+    assert judged["better"] == "cnn" and judged["report_conclusion"] == "reversed"
+    assert "is reversed: the CNN is better" in judged["text"]
+    assert "for these runs only" not in judged["text"]  # the report's schedule, finished
+
+
+def test_no_verdict_on_the_report_from_dry_runs_and_unfinished_runs_are_said():
+    judged = evaluate.verdict(judged_run("cnn", 10, 90, dry_run=True), judged_run("resnet9", 90, 10, dry_run=True))
+    assert judged["report_conclusion"] is None and "dry runs check the code" in judged["text"]
+    assert "holds" not in judged["text"]
+    short = judged_run("resnet9", 90, 10, epochs=3)
+    judged = evaluate.verdict(judged_run("cnn", 50, 50), short)
+    assert "resnet9.pt is UNFINISHED: epoch 3 of 20" in judged["text"]
+    assert "UNFINISHED: epoch 3 of 20" in evaluate.run_kind(short)
 
 
 class RunsCode:
@@ -157,10 +203,10 @@ def bad_checkpoints(folder, good):
     cases = {"missing": (folder / "missing.pt", "does not exist"),
              "empty": (folder / "empty.pt", "is empty"),
              "truncated": (folder / "truncated.pt", "truncated or not a PyTorch checkpoint"),
-             "garbage": (folder / "garbage.pt", "not a PyTorch checkpoint|refused by the safe loader"),
+             "garbage": (folder / "garbage.pt", "is not a checkpoint"),
              "other program": (folder / "other.pt", "not written by train_cnn.py or train_resnet.py"),
              "code (torch.save)": (folder / "evil.pt", "refused by the safe loader"),
-             "code (pickle)": (folder / "evil.pkl", "refused by the safe loader")}
+             "code (pickle)": (folder / "evil.pkl", "is not a checkpoint")}
     (folder / "empty.pt").write_bytes(b"")
     data = good.read_bytes()
     (folder / "truncated.pt").write_bytes(data[:len(data) // 2])
@@ -246,11 +292,11 @@ def unaugmented(seed_runs):
 
 def test_report_protocol_uses_the_reports_augmentation_whatever_the_training(grouped):
     """Models trained with --aug none: by default the report's 100 passes still go through its
-    pipeline (--aug seed), as the report's test did; the passes differ and lie below clean."""
+    pipeline (--aug report), as the report's test did; the passes differ and lie below clean."""
     result, printed, _ = grouped
     for r in result["checkpoints"]:
-        assert r["aug"] == "none" and r["repeated"]["aug"] == "seed"
-        assert f"{r['checkpoint']}: the report's protocol, 3 passes of --aug seed" in printed
+        assert r["aug"] == "none" and r["repeated"]["aug"] == "report"
+        assert f"{r['checkpoint']}: the report's protocol, 3 passes of --aug report" in printed
     first = result["checkpoints"][0]  # the better-trained of the two: 40% clean
     assert len(set(first["repeated"]["accuracies"])) == 3  # a random test pass
     assert first["repeated"]["mean"] < first["test_accuracy"] - 0.05
@@ -353,7 +399,7 @@ def test_runs_of_one_model_are_grouped(grouped, seed_runs):
     assert cnn["test_accuracy"]["mean"] == pytest.approx(mean)
     assert cnn["test_accuracy"]["std"] == pytest.approx(std)
     repeated = [r["repeated"]["mean"] for r in result["checkpoints"]]
-    assert cnn["repeated"]["values"] == repeated and cnn["repeated"]["aug"] == "seed"
+    assert cnn["repeated"]["values"] == repeated and cnn["repeated"]["aug"] == "report"
     assert cnn["repeated"]["mean"] == pytest.approx(sum(repeated) / 2)
     assert cnn["tta_accuracy"] is None  # no --tta
     assert result["comparison"] is None  # one model: nothing to compare
@@ -376,7 +422,7 @@ def edited_copy(source, target, **changes):
 
 def test_runs_of_other_settings_are_refused_by_name(seed_runs, tmp_path):
     s0, s1 = seed_runs["paths"]
-    cases = [(edited_copy(s1, tmp_path / "aug.pt", aug="seed"), r"differ in --aug \(none vs seed\)"),
+    cases = [(edited_copy(s1, tmp_path / "aug.pt", aug="report"), r"differ in --aug \(none vs report\)"),
              (edited_copy(s1, tmp_path / "lr.pt", max_lr=0.001), r"differ in --max-lr \(0.01 vs 0.001\)"),
              (edited_copy(s1, tmp_path / "fp16.pt", precision="fp16"), r"differ in --precision \(\w+ vs fp16\)"),
              (edited_copy(s0, tmp_path / "again.pt"), "both have --seed 0")]
@@ -403,13 +449,16 @@ def test_t_distribution_p_values():
     assert evaluate.incomplete_beta(2, 3, 0.4) == pytest.approx(0.5248)  # binomial: P(X >= 2), X ~ B(4, 0.4)
 
 
+RUNS = [judged_run("cnn", 1, 1), judged_run("resnet9", 1, 1)]  # finished, the report's schedule
+
+
 def seeded(values):
     return {"n": len(values), "test_accuracy": evaluate.spread(values)}
 
 
 def test_verdict_over_seeds_weighs_the_gap_against_the_spread():
     cnn, resnet = [0.50, 0.52, 0.51], [0.60, 0.63, 0.62]
-    judged = evaluate.verdict_over_seeds({"cnn": seeded(cnn), "resnet9": seeded(resnet)})
+    judged = evaluate.verdict_over_seeds({"cnn": seeded(cnn), "resnet9": seeded(resnet)}, RUNS)
     se2 = [evaluate.spread(v)["std"] ** 2 / 3 for v in (resnet, cnn)]  # squared standard errors, by hand
     t = (sum(resnet) / 3 - sum(cnn) / 3) / math.sqrt(sum(se2))
     df = sum(se2) ** 2 / (se2[0] ** 2 / 2 + se2[1] ** 2 / 2)
@@ -417,17 +466,127 @@ def test_verdict_over_seeds_weighs_the_gap_against_the_spread():
     assert judged["gap_points"] == pytest.approx(10.667, abs=1e-3)
     assert judged["welch_t"] == pytest.approx(t) and judged["df"] == pytest.approx(df)
     assert judged["p_value"] == pytest.approx(evaluate.t_two_sided_p(t, df)) and judged["p_value"] < 0.05
-    assert judged["significant"] and judged["report_conclusion_holds"]
+    assert judged["significant"] and judged["report_conclusion"] == "holds"
     assert "more than the spread over seeds" in judged["text"] and "holds" in judged["text"]
-    judged = evaluate.verdict_over_seeds({"cnn": seeded([0.50, 0.60]), "resnet9": seeded([0.52, 0.61])})
+    judged = evaluate.verdict_over_seeds({"cnn": seeded([0.50, 0.60]), "resnet9": seeded([0.52, 0.61])}, RUNS)
     assert judged["better"] == "resnet9" and not judged["significant"]  # 1.5 points, seeds vary by 7
-    assert judged["report_conclusion_holds"] is False and "does NOT hold" in judged["text"]
+    assert judged["report_conclusion"] == "not shown" and "is not shown" in judged["text"]
     assert "within the spread over seeds" in judged["text"]
+    judged = evaluate.verdict_over_seeds({"cnn": seeded(resnet), "resnet9": seeded(cnn)}, RUNS)
+    assert judged["better"] == "cnn" and judged["report_conclusion"] == "reversed"
 
 
 def test_verdict_over_seeds_needs_two_runs_of_each():
-    judged = evaluate.verdict_over_seeds({"cnn": seeded([0.50, 0.52]), "resnet9": seeded([0.6])})
+    judged = evaluate.verdict_over_seeds({"cnn": seeded([0.50, 0.52]), "resnet9": seeded([0.6])}, RUNS)
     assert judged["better"] == "resnet9" and judged["gap_points"] == pytest.approx(9)
-    assert judged["significant"] is None and judged["report_conclusion_holds"] is None
+    assert judged["significant"] is None and judged["report_conclusion"] is None
     assert "not tested" in judged["text"] and "resnet9 has 1" in judged["text"]
     assert evaluate.spread([0.6]) == {"mean": 0.6, "std": None, "values": [0.6]}
+
+
+# ----------------------------------------------------------------------------- what is printed is what was shown
+
+@pytest.fixture(scope="module")
+def dry_runs(tiny_data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dry")
+    for module in (train_cnn, train_resnet):
+        module.main(["--dry-run", "--data-dir", str(tiny_data_dir), "--out", str(out), "--device", "cpu"])
+    return out / "dry-run"
+
+
+def test_dry_runs_are_said_and_judge_nothing_of_the_report(dry_runs, tiny_data_dir):
+    result, printed = quietly(["--data-dir", str(tiny_data_dir), "--device", "cpu", "--repeats", "0",
+                               str(dry_runs / "cnn.pt"), str(dry_runs / "resnet9.pt")])
+    assert printed.count("dry run: a check of the code") == 1
+    assert result["comparison"]["report_conclusion"] is None
+    assert "No verdict on the report's conclusion" in printed
+    assert not re.search(r"conclusion .*(holds|is not shown|is reversed)", printed)
+
+
+def test_an_unfinished_run_is_marked_wherever_it_is_printed(runs, tmp_path):
+    short = edited_copy(runs["dir"] / "resnet9.pt", tmp_path / "resnet9.pt", epoch=0, epochs=3)
+    result, printed = quietly(evaluate_args(runs, str(runs["dir"] / "cnn.pt"), short, "--repeats", "0"))
+    assert f"{short}: resnet9, 6,637,194 params, UNFINISHED: epoch 0 of 3" in printed
+    assert f"{short} is UNFINISHED: epoch 0 of 3: this compares it as it stands now" in printed
+    assert f"{short} is UNFINISHED: epoch 0 of 3" in result["comparison"]["text"]
+
+
+def test_against_report_says_when_the_schedule_is_not_the_reports(seed_runs, tmp_path):
+    short = seed_runs["paths"][0]  # 1 epoch on 500 images
+    result, printed = quietly(evaluate_args(seed_runs, short, "--repeats", "0", "--against-report"))
+    assert result["against_report"]["like_for_like"] is False
+    assert "NOT like for like: this run has --epochs 1 (the report's: 20)" in printed
+    same = edited_copy(short, tmp_path / "cnn.pt", epochs=20)  # the report's schedule, epoch 1 of 20
+    result, printed = quietly(evaluate_args(seed_runs, same, "--repeats", "0", "--against-report"))
+    assert result["against_report"]["like_for_like"] is True and "like for like" not in printed
+    assert "UNFINISHED: epoch 1 of 20" in printed
+
+
+def test_the_data_folder_defaults_to_the_one_the_run_trained_on(runs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no data/ here: the checkpoint's own folder must be used
+    result, printed = quietly([str(runs["dir"] / "cnn.pt"), "--repeats", "0", "--device", "cpu"])
+    assert result["test_accuracy"] == runs["cnn"]["test_accuracy"]
+    assert f"data from {runs['data'].resolve()}" in printed
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_failed_download_leaves_no_empty_folder(tmp_path, monkeypatch):
+    import torchvision.datasets.utils
+
+    def offline(*args, **kwargs):
+        (tmp_path / "data").mkdir(exist_ok=True)  # as torchvision's download_url does first
+        raise OSError("no network")
+    monkeypatch.setattr(torchvision.datasets.utils, "download_url", offline)
+    with pytest.raises(common.UserError, match="the download failed"):
+        common.load_cifar10(tmp_path / "data")
+    assert not (tmp_path / "data").exists()
+
+
+def test_files_that_are_not_checkpoints_are_named_plainly(runs, tmp_path):
+    with pytest.raises(common.UserError, match=rf"cnn.json is not a checkpoint .*: the run's checkpoint is "
+                                               rf"{re.escape(str(runs['dir'] / 'cnn.pt'))}$"):
+        evaluate.main(evaluate_args(runs, str(runs["dir"] / "cnn.json"), "--repeats", "0"))
+    folder = runs["data"] / "cifar-10-batches-py"
+    with pytest.raises(common.UserError, match=rf"cifar-10-batches-py folder itself: .*--data-dir {re.escape(str(runs['data']))}$"):
+        evaluate.main(["--data-dir", str(folder), "--device", "cpu", str(runs["dir"] / "cnn.pt"), "--repeats", "0"])
+
+
+def test_checkpoints_named_seed_load_and_group_as_report(seed_runs, tmp_path):
+    """Before its rename, the report's pipeline was --aug seed: such runs group with report runs."""
+    old = edited_copy(seed_runs["paths"][0], tmp_path / "old.pt", aug="seed")
+    new = edited_copy(seed_runs["paths"][1], tmp_path / "new.pt", aug="report")
+    result, _ = quietly(evaluate_args(seed_runs, old, new, "--repeats", "0"))
+    assert [r["aug"] for r in result["checkpoints"]] == ["report", "report"]
+    assert result["models"]["cnn"]["n"] == 2
+
+
+def test_ablation_takes_the_reports_pipeline_apart():
+    """A model that sees only the mean colour of an image is blind to a mirror image: with
+    the flip alone its accuracy is the clean one in every pass. Each other step changes it."""
+    class MeanColour(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear, self.side = torch.nn.Linear(3, 10), slice(None)
+
+        def forward(self, x):
+            return self.linear(x[..., self.side].mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    model = MeanColour()
+    halves = torch.randint(0, 256, (200, 3, 1, 2), dtype=torch.uint8)  # a colour each side
+    images = halves.repeat_interleave(32, dim=2).repeat_interleave(16, dim=3)
+    labels = common.predict(model, images).argmax(1)  # right on every clean image
+    args = evaluate.parse_args(["x.pt", "--repeats", "3", "--ablation"])
+    found = evaluate.ablation(model, images, labels, args, "fp32")
+    assert set(found) == {"only", "without"}
+    assert list(found["only"]) == list(found["without"]) == list(common.REPORT_STEPS)
+    assert found["only"]["flip"] == {"mean": 1.0, "std": 0.0}
+    for step in ("crop", "rotate", "erase"):
+        assert found["only"][step]["mean"] < 1.0, step
+    assert found["without"]["flip"]["mean"] < 1.0  # the rest of the pipeline still distorts
+    model.side = slice(0, 16)  # now it sees the left half only: a mirror image changes its mind
+    labels = common.predict(model, images).argmax(1)
+    flipped = evaluate.ablation(model, images, labels, args, "fp32")["only"]["flip"]["mean"]
+    assert 0.85 < flipped < 1.0  # p = 0.1: about one image in ten is mirrored
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["x.pt", "--ablation", "--repeats", "0"])

@@ -72,12 +72,12 @@ def test_the_notebook_runs_top_to_bottom_and_a_rerun_trains_nothing(tiny_data_di
     assert len(shown) == 7  # what the model sees, two curves, two beside the report's, two confusion matrices
     ran = cells(notebook)
     assert "Epoch: 1/1" in text(ran["train-cnn"]) and "Epoch: 1/1" in text(ran["train-resnet"])
-    assert "The report's conclusion" in text(ran["evaluate"])
+    assert "No verdict on the report's conclusion: dry runs check the code" in text(ran["evaluate"])
     assert "against the report's cnn log" in text(ran["evaluate"])  # --against-report
     # After a disconnection, Run all again: finished models are skipped, not trained over.
     again = cells(kernel_run(folder, tiny_data_dir, monkeypatch).execute())
     assert "nothing to train" in text(again["train-cnn"]) and "nothing to train" in text(again["train-resnet"])
-    assert "The report's conclusion" in text(again["evaluate"])
+    assert "No verdict on the report's conclusion" in text(again["evaluate"])
 
 
 def test_a_failing_script_fails_its_cell_and_stops_the_notebook(tiny_data_dir, tmp_path, monkeypatch):

@@ -36,6 +36,22 @@ def test_training_curves_and_confusion_matrices_are_written(tiny_data_dir, tmp_p
     assert png_size(tmp_path / "dry-run" / "cnn_confusion.png") == (600, 500)  # figsize (6, 5), 100 dpi
 
 
+def test_the_curves_say_what_train_is_and_count_epochs_in_whole_numbers(tmp_path, monkeypatch):
+    """Train below val is no bug with heavy augmentation: the legend says train is measured on
+    augmented batches. Epochs are whole numbers: no tick at 1.5."""
+    pytest.importorskip("matplotlib")
+    drawn = []
+    monkeypatch.setattr(common, "save_figure", lambda fig, path: drawn.append(fig) or True)
+    history = [{"epoch": e, "train_loss": 2.0 / e, "val_loss": 1.5 / e, "train_accuracy": 0.1 * e,
+                "val_accuracy": 0.12 * e} for e in (1, 2, 3)]
+    assert common.plot_curves(history, tmp_path / "c.png", "cnn")
+    for ax in drawn[0].axes:
+        labels = [text.get_text() for text in ax.get_legend().get_texts()]
+        assert labels[0].startswith("train (augmented batches") and labels[1].startswith("val (held out")
+        ticks = [t for t in ax.get_xticks() if 1 <= t <= 3]
+        assert ticks and all(float(t).is_integer() for t in ticks)
+
+
 def test_the_augmentation_picture_is_written(tiny_data_dir, tmp_path):
     pytest.importorskip("matplotlib")
     show_augmentations.main(["--data-dir", str(tiny_data_dir), "--out", str(tmp_path / "what.png")])
@@ -47,7 +63,7 @@ def test_the_picture_rows_are_clean_then_seeded_random_draws():
     rows = show_augmentations.pictures(images, seed=0)
     labels = [label for label, _ in rows]
     assert labels == ["clean (none)", "standard, draw 1", "standard, draw 2",
-                      "seed, draw 1", "seed, draw 2", "seed, draw 3", "seed, draw 4"]
+                      "report, draw 1", "report, draw 2", "report, draw 3", "report, draw 4"]
     pixels = [picture for _, picture in rows]
     assert torch.allclose(pixels[0], common.to_float(images), atol=1e-6)  # Normalize undone exactly
     assert all(p.shape == images.shape and p.min() >= -1e-6 and p.max() <= 1 + 1e-6 for p in pixels)

@@ -34,9 +34,11 @@ def test_auto_on_the_cpu(monkeypatch, unit, expected):
 
 
 @pytest.mark.parametrize("capability, expected", [((9, 0), "bf16"), ((8, 0), "bf16"), ((8, 6), "bf16"),
-                                                  ((7, 5), "fp16"), ((7, 0), "fp16"), ((6, 1), "fp16")])
+                                                  ((7, 5), "fp16"), ((7, 0), "fp16"), ((6, 1), "fp32"),
+                                                  ((6, 0), "fp32")])
 def test_auto_on_cuda(monkeypatch, capability, expected):
-    """H100/A100/RTX 30xx have bfloat16 units; Colab's T4 (7.5) and the V100 (7.0) do not."""
+    """H100/A100/RTX 30xx have bfloat16 units; Colab's T4 (7.5) and the V100 (7.0) float16 tensor
+    cores only; a P100 (6.0) or a GTX 10xx (6.1) neither, so they stay in float32."""
     monkeypatch.setattr(common, "cuda_capability", lambda device: capability)
     precision, reason = common.choose_precision(torch.device("cuda"))
     assert precision == expected
@@ -75,7 +77,22 @@ def test_auto_on_a_resume_keeps_the_runs_precision(tiny_data_dir, tmp_path, monk
     monkeypatch.setattr(common, "cpu_bf16_unit", lambda: None)  # the other machine
     result = train_cnn.main(args + ["--resume", str(tmp_path / "cnn.pt")])
     assert result["config"]["precision"] == "bf16"
-    assert "precision: bf16, as the run started (auto would pick fp32 here)" in capsys.readouterr().out
+    assert "precision: bf16 (as the run started; auto would pick fp32 here)" in capsys.readouterr().out
+
+
+def test_a_resume_lays_the_model_out_for_the_runs_precision(tiny_data_dir, tmp_path, monkeypatch):
+    """A float32 run resumed where auto would pick bf16: the model must be put in the layout of
+    the run's precision (float32's default), the same as its batches, not in auto's."""
+    args = ["--data-dir", str(tiny_data_dir), "--out", str(tmp_path), "--val-size", "100",
+            "--epochs", "2", "--device", "cpu"]
+    train_cnn.main(args + ["--precision", "fp32", "--stop-after", "1"])
+    monkeypatch.setattr(common, "cpu_bf16_unit", lambda: "AMX")  # auto: bf16 and channels_last here
+    asked, layout = [], common.uses_channels_last
+    monkeypatch.setattr(common, "uses_channels_last", lambda device, precision: asked.append(precision)
+                        or layout(device, precision))
+    result = train_cnn.main(args + ["--resume", str(tmp_path / "cnn.pt")])
+    assert result["config"]["precision"] == "fp32"
+    assert asked and set(asked) == {"fp32"}  # the model's layout and every batch's
 
 
 def test_a_checkpoint_from_before_precision_resumes(tiny_data_dir, tmp_path):

@@ -50,11 +50,56 @@ def test_a_checkpoint_of_the_other_model_is_refused(tiny_data_dir, tmp_path):
 
 @pytest.mark.parametrize("changed, message", [(["--max-lr", "0.02"], "--max-lr 0.01, this run has --max-lr 0.02"),
                                               (["--seed", "5"], "--seed 0, this run has --seed 5"),
-                                              (["--aug", "none"], "--aug seed, this run has --aug none")])
+                                              (["--aug", "none"], "--aug report, this run has --aug none")])
 def test_a_checkpoint_with_other_settings_is_refused(changed, message, tiny_data_dir, tmp_path):
     train_cnn.main(run_args(tiny_data_dir, tmp_path, "--stop-after", "1"))
     with pytest.raises(common.UserError, match=message):
         train_cnn.main(run_args(tiny_data_dir, tmp_path, *changed, "--resume", str(tmp_path / "cnn.pt")))
+
+
+def test_a_resume_never_replaces_another_runs_checkpoint(tiny_data_dir, tmp_path, monkeypatch):
+    """The reported loss: a finished run in small/, an interrupted one in intr/, and a resume
+    of intr/ with --out small: refused by name before any work, small/cnn.pt byte for byte."""
+    small, intr = tmp_path / "small", tmp_path / "intr"
+    train_cnn.main(run_args(tiny_data_dir, small, "--epochs", "1"))
+    train_cnn.main(run_args(tiny_data_dir, intr, "--epochs", "4", "--stop-after", "1"))
+    before = (small / "cnn.pt").read_bytes(), (small / "cnn.json").read_bytes()
+    monkeypatch.setattr(common, "load_data", lambda *a, **k: pytest.fail("work began before the refusal"))
+    with pytest.raises(common.UserError, match=rf"--out {small} holds another run .*leave out --out"):
+        train_cnn.main(run_args(tiny_data_dir, small, "--epochs", "4", "--resume", str(intr / "cnn.pt"),
+                                "--stop-after", "2"))
+    assert ((small / "cnn.pt").read_bytes(), (small / "cnn.json").read_bytes()) == before
+
+
+def test_a_resume_without_out_continues_in_the_checkpoints_folder(tiny_data_dir, tmp_path, monkeypatch):
+    """No --out: the run continues beside its checkpoint, and writes nothing in ./runs."""
+    intr = tmp_path / "intr"
+    train_cnn.main(run_args(tiny_data_dir, intr, "--stop-after", "1"))
+    monkeypatch.chdir(tmp_path)
+    argv = [arg for arg in run_args(tiny_data_dir, intr) if arg not in ("--out", str(intr))]
+    result = train_cnn.main([*argv, "--resume", str(intr / "cnn.pt")])
+    assert len(result["history"]) == 2
+    assert torch.load(intr / "cnn.pt", weights_only=True)["epoch"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["intr"]  # no runs/ beside it
+
+
+def test_a_resume_into_an_empty_folder_continues_there(tiny_data_dir, tmp_path):
+    train_cnn.main(run_args(tiny_data_dir, tmp_path / "a", "--stop-after", "1"))
+    result = train_cnn.main(run_args(tiny_data_dir, tmp_path / "b", "--resume", str(tmp_path / "a" / "cnn.pt")))
+    assert len(result["history"]) == 2
+    assert torch.load(tmp_path / "a" / "cnn.pt", weights_only=True)["epoch"] == 1  # left as it was
+    assert torch.load(tmp_path / "b" / "cnn.pt", weights_only=True)["epoch"] == 2
+
+
+def test_a_checkpoint_named_seed_resumes_as_report(tiny_data_dir, tmp_path):
+    """The report's pipeline was called "seed" before: such checkpoints resume as --aug report."""
+    train_cnn.main(run_args(tiny_data_dir, tmp_path, "--stop-after", "1"))
+    state = torch.load(tmp_path / "cnn.pt", weights_only=True)
+    state["config"]["aug"] = "seed"
+    torch.save(state, tmp_path / "cnn.pt")
+    assert common.load_checkpoint(tmp_path / "cnn.pt")["config"]["aug"] == "report"
+    result = train_cnn.main(run_args(tiny_data_dir, tmp_path, "--resume", str(tmp_path / "cnn.pt")))
+    assert result["config"]["aug"] == "report" and len(result["history"]) == 2
 
 
 def test_a_finished_run_is_not_resumed(tiny_data_dir, tmp_path):

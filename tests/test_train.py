@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import common
 import train_cnn
@@ -115,6 +116,8 @@ def test_checkpoint_and_json_contents(tiny_data_dir, tmp_path, capsys):
     assert re.search(r"Epoch: 1/2, last_lr: \d\.\d{5}, train_loss: \d+\.\d{4}, val_loss: \d+\.\d{4}, "
                      r"val_accuracy: \d+\.\d%", printed)
     assert "test accuracy (clean, 100 images)" in printed
+    assert re.search(r"about \d+ min left for epochs 2-2, at this epoch's pace", printed)
+    assert f"next: python evaluate.py {tmp_path / 'cnn.pt'} --tta" in printed
     state = torch.load(tmp_path / "cnn.pt", weights_only=True)
     assert {"model", "optimizer", "scheduler", "epoch", "rng", "config", "history"} <= set(state)
     assert state["epoch"] == 2 and state["config"]["max_lr"] == 0.01
@@ -166,6 +169,8 @@ def test_dry_run_of_each_script(script, name, tiny_data_dir, tmp_path):
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "Epoch: 1/1" in done.stdout and "test accuracy" in done.stdout
+    assert "dry run: a check that the code runs end to end" in done.stdout
+    assert "left for epochs" not in done.stdout  # one epoch: nothing left to estimate
     assert torch.load(tmp_path / "dry-run" / f"{name}.pt", weights_only=True)["epoch"] == 1
     assert not (tmp_path / f"{name}.pt").exists()  # a dry run never lands on a real run's files
 
@@ -181,3 +186,42 @@ def test_a_new_run_does_not_replace_a_saved_one(tiny_data_dir, tmp_path):
 def test_a_subset_larger_than_the_training_set_is_refused(tiny_data_dir, tmp_path):
     with pytest.raises(common.UserError, match="--subset 501 is more than the 500 training images"):
         train_cnn.main(tiny_args(tiny_data_dir, tmp_path, "--subset", "501"))
+
+
+@pytest.mark.parametrize("clip_norm", [True, False])
+def test_clip_norm_through_a_run(clip_norm, tiny_data_dir, tmp_path):
+    """Every step Adam takes in a --clip-norm run sees gradients of total norm 0.1 or less;
+    a run clipping by value (the default) does not, or this test could not tell them apart."""
+    norms = []
+
+    def record(optimizer, args, kwargs):
+        grads = [p.grad.flatten() for group in optimizer.param_groups for p in group["params"]]
+        norms.append(torch.cat(grads).norm().item())
+
+    hook = register_optimizer_step_pre_hook(record)
+    try:
+        result = train_cnn.main(tiny_args(tiny_data_dir, tmp_path, "--epochs", "1", "--subset", "256",
+                                          *(["--clip-norm"] if clip_norm else [])))
+    finally:
+        hook.remove()
+    assert len(norms) == 4 and result["config"]["clip_norm"] == clip_norm
+    if clip_norm:
+        assert max(norms) <= 0.1 * (1 + 1e-4)
+    else:
+        assert max(norms) > 0.1
+
+
+def test_compile_through_a_dry_run(tiny_data_dir, tmp_path):
+    """--compile (torch.compile, fixed shapes) trains, tests and saves plain weights: evaluate.py,
+    which builds the model uncompiled, loads them and finds the run's test accuracy."""
+    import evaluate
+
+    result = train_cnn.main(["--dry-run", "--compile", "--data-dir", str(tiny_data_dir), "--out", str(tmp_path),
+                             "--device", "cpu"])
+    state = torch.load(tmp_path / "dry-run" / "cnn.pt", weights_only=True)
+    assert not [key for key in state["model"] if key.startswith("_orig_mod")]  # not the compiled wrapper's
+    measured = evaluate.main([str(tmp_path / "dry-run" / "cnn.pt"), "--repeats", "0", "--device", "cpu",
+                              "--data-dir", str(tiny_data_dir)])
+    # compiled and eager bf16 kernels may round differently: at most one test image in 100 may flip
+    assert abs(measured["test_accuracy"] - result["test_accuracy"]) <= 0.01
+    assert result["config"]["compile"] is True
