@@ -290,18 +290,27 @@ def unaugmented(seed_runs):
                                  "--against-report"))
 
 
-def test_report_protocol_uses_the_reports_augmentation_whatever_the_training(grouped):
+def test_report_protocol_uses_the_reports_augmentation_whatever_the_training(grouped, seed_runs):
     """Models trained with --aug none: by default the report's 100 passes still go through its
-    pipeline (--aug report), as the report's test did; the passes differ and lie below clean."""
+    pipeline (--aug report), as the report's test did, seeded by --seed; the passes differ."""
     result, printed, _ = grouped
     for r in result["checkpoints"]:
         assert r["aug"] == "none" and r["repeated"]["aug"] == "report"
         assert f"{r['checkpoint']}: the report's protocol, 3 passes of --aug report" in printed
-    first = result["checkpoints"][0]  # the better-trained of the two: 40% clean
-    assert len(set(first["repeated"]["accuracies"])) == 3  # a random test pass
-    assert first["repeated"]["mean"] < first["test_accuracy"] - 0.05
-    cnn = result["models"]["cnn"]
-    assert cnn["repeated"]["mean"] < cnn["test_accuracy"]["mean"]
+    first = result["checkpoints"][0]  # by hand: its 3 passes through the report's pipeline, seed 0
+    state = common.load_checkpoint(first["checkpoint"])
+    precision = state["config"]["precision"]
+    model = evaluate.build_model(state, first["checkpoint"])
+    if common.uses_channels_last("cpu", precision):  # the layout evaluate.py gives it
+        model = model.to(memory_format=torch.channels_last)
+    test_x, test_y = common.load_data(seed_runs["data"], "cpu", 100)[0]["test"]
+    by_hand = common.repeated_accuracies(model, test_x, test_y, common.augment_report, 3, 0, precision)
+    assert first["repeated"]["accuracies"] == by_hand
+    gen = torch.Generator().manual_seed(0)
+    passes = [common.predict(model, test_x, common.augment_report, gen, precision).argmax(1) for _ in range(2)]
+    assert (passes[0] != passes[1]).any()  # a random test pass: no two passes alike
+    # (that the passes lie below the clean accuracy is measured on real data, above: on 100
+    # synthetic images after one epoch, the clean accuracy itself is about chance)
 
 
 def test_repeat_aug_none_gives_the_clean_accuracy_every_pass(unaugmented):
