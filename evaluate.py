@@ -524,7 +524,7 @@ def report_conclusion(result, accuracies, runs):
         outcome = "holds" if accuracies["resnet9"] > accuracies["cnn"] else "reversed"
     result["report_conclusion"] = outcome
     limits = [f"{r['checkpoint']} is {run_kind(r)}" for r in runs if unfinished(r)]
-    limits += sorted({f"{d}" for r in runs for d in r["not_the_reports_schedule"]})
+    limits += sorted({d for r in runs for d in r["not_the_reports_schedule"]})
     line = (f"\nThe report's conclusion (the ResNet beats the CNN; it measured {REPORT['resnet9']}% vs "
             f"{REPORT['cnn']}%) {CONCLUSIONS[outcome]}, on clean test accuracy")
     return line + (f"; for these runs only, not the report's schedule ({'; '.join(limits)})." if limits else ".")
