@@ -329,7 +329,9 @@ def color_jitter(images, gen, whole_batch=None):
     n, device = len(images), images.device
     chosen = torch.rand(n, generator=gen, device=device) < JITTER_P
     factors = _uniform(4 * n, 1 - JITTER, 1 + JITTER, gen, device).view(4, n)
-    if images.is_cuda if whole_batch is None else whole_batch:
+    if whole_batch is None:
+        whole_batch = images.is_cuda
+    if whole_batch:
         return torch.where(chosen.view(-1, 1, 1, 1), _jitter(images, *factors), images)
     picked = chosen.nonzero().squeeze(1)
     out = images.clone()
@@ -1116,7 +1118,7 @@ def load_checkpoint(path):
 def _checkpoint_hint(path):
     """For a file that is not a checkpoint: the one the user probably meant."""
     for name in ("cnn.pt", "resnet9.pt"):
-        if path.name.startswith(name.split(".")[0]) and path.with_name(name).is_file():
+        if path.name.startswith(Path(name).stem) and path.with_name(name).is_file():
             return f": the run's checkpoint is {path.with_name(name)}"
     return ": pass the .pt file a training run saved, e.g. runs/cnn.pt"
 
