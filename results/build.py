@@ -1,0 +1,277 @@
+"""Rebuild every table of numbers in README.md and docs/*.md, and the figures, from the records.
+
+    python results/build.py           # rewrite the tables between their markers, draw docs/*.png
+    python results/build.py --check   # change nothing; exit 1 if a table or a quoted % is stale
+
+The records are the JSON files the scripts wrote, committed here:
+  results/runs/<aug>-s<seed>/<model>.json   a training run (train_cnn.py / train_resnet.py)
+  results/eval/<aug>-s<seed>-<model>.json   its evaluation: evaluate.py --tta --repeats 20 --against-report
+and report_log.csv, the report's own logs. results/README.md says which command made each.
+
+A table lives in a page between two markers, and only there:
+  <!-- build: answer -->
+  ...rewritten by this script...
+  <!-- end build -->
+The prose around the tables is written by hand; --check also fails when it quotes a
+percentage that is not among the numbers this script produces (a number typed by hand, or
+one that went stale when a record was re-measured).
+"""
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # evaluate.py's statistics and the report's numbers, written once
+import evaluate  # noqa: E402
+
+RESULTS = ROOT / "results"
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+MODELS = {"cnn": "CNN", "resnet9": "ResNet9"}
+RECIPES = {"report": "the report's augmentation (`--aug report`)",
+           "standard": "the usual crop and flip (`--aug standard`)",
+           "none": "no augmentation (`--aug none`)"}
+MARKER = re.compile(r"(<!-- build: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end build -->)", re.S)
+PERCENT = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)\s?%")
+
+
+class Numbers:
+    """Formats numbers for the pages and remembers each one, for the prose check."""
+
+    def __init__(self):
+        self.seen = set()
+
+    def pct(self, fraction, digits=2):
+        text = f"{100 * fraction:.{digits}f}"
+        self.seen.add(text)
+        return text
+
+    def points(self, value, digits=2):
+        text = f"{value:.{digits}f}"
+        self.seen.add(text)
+        return text
+
+
+# ----------------------------------------------------------------------------- the records
+
+def load_records():
+    """{(model, aug, seed): {"run": training record, "eval": evaluation or None}}, finished runs only."""
+    records = {}
+    for path in sorted((RESULTS / "runs").glob("*/*.json")):
+        run = json.loads(path.read_text())
+        if "history" not in run or run.get("test_accuracy") is None:
+            continue  # not a training record, or a run still going: not a result
+        key = (run["model"], run["config"]["aug"], run["seed"])
+        evaluation = RESULTS / "eval" / f"{path.parent.name}-{run['model']}.json"
+        records[key] = {"run": run, "folder": path.parent.name,
+                        "eval": json.loads(evaluation.read_text()) if evaluation.exists() else None}
+    return records
+
+
+def runs_of(records, model, aug):
+    return [r for (m, a, _), r in sorted(records.items()) if m == model and a == aug]
+
+
+def measure(runs, key):
+    """A measure over the evaluated runs: the list of per-run values."""
+    values = []
+    for r in runs:
+        e = r["eval"]
+        if e is None:
+            continue
+        values.append(e["repeated"]["mean"] if key == "repeated" else e[key])
+    return values
+
+
+def mean_std(values):
+    spread = evaluate.spread(values) if values else None
+    return (spread["mean"], spread["std"]) if spread else (None, None)
+
+
+def cell(numbers, values):
+    """mean ± std (n = k) in percent, or one value, or "not yet"."""
+    mean, std = mean_std(values)
+    if mean is None:
+        return "not measured yet"
+    if std is None:
+        return f"{numbers.pct(mean)}% (n = 1)"
+    return f"{numbers.pct(mean)}% ± {numbers.points(100 * std)} (n = {len(values)})"
+
+
+# ----------------------------------------------------------------------------- the tables
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
+
+
+def answer_table(records, numbers):
+    """Per model: the report's numbers, then ours for each training recipe."""
+    rows = []
+    report_log = evaluate.read_report_log()
+    for model, label in MODELS.items():
+        reported_val = report_log[model][-1]["val_acc"]
+        rows.append([f"**{label}**", "the report", f'"val_accuracy" {numbers.pct(reported_val, 1)}%',
+                     f"{numbers.points(evaluate.REPORT[model])}% (100 passes)", "-"])
+        for aug in RECIPES:
+            runs = runs_of(records, model, aug)
+            rows.append(["", f"ours, `--aug {aug}`", cell(numbers, measure(runs, "val_accuracy")),
+                         cell(numbers, measure(runs, "repeated")), cell(numbers, measure(runs, "test_accuracy"))])
+    header = ["model", "trained by", "validation accuracy", "the report's test protocol",
+              "clean test accuracy"]
+    return table(header, rows)
+
+
+def welch_row(numbers, a, b):
+    """Mean of a minus mean of b in points, and Welch's p, over the seeds of each."""
+    if len(a) < 2 or len(b) < 2:
+        gap = f"{numbers.points(100 * (mean_std(a)[0] - mean_std(b)[0]))}" if a and b else "-"
+        return [gap, "needs 2 seeds of each"]
+    t, df, p = evaluate.welch(a, b)
+    return [numbers.points(100 * (sum(a) / len(a) - sum(b) / len(b))), f"{p:.2g} (df = {df:.1f})"]
+
+
+def verdict_table(records, numbers):
+    """For each recipe: the ResNet9's clean test accuracy minus the CNN's, with Welch's p."""
+    rows = []
+    for aug in RECIPES:
+        a = measure(runs_of(records, "resnet9", aug), "test_accuracy")
+        b = measure(runs_of(records, "cnn", aug), "test_accuracy")
+        rows.append([f"`--aug {aug}`", f"{len(a)} and {len(b)}", *welch_row(numbers, a, b)])
+    return table(["trained by", "seeds (ResNet9, CNN)", "ResNet9 minus CNN (points)",
+                  "Welch's p (two-sided)"], rows)
+
+
+def cost_table(records, numbers):
+    """What the report's pipeline cost each model: its clean test accuracy minus another recipe's."""
+    rows = []
+    for model, label in MODELS.items():
+        ours = measure(runs_of(records, model, "report"), "test_accuracy")
+        for other in ("none", "standard"):
+            theirs = measure(runs_of(records, model, other), "test_accuracy")
+            rows.append([label, f"`--aug {other}`", f"{len(ours)} and {len(theirs)}", *welch_row(numbers, ours, theirs)])
+    return table(["model", "against", "seeds (report, other)", "report minus other (points)",
+                  "Welch's p (two-sided)"], rows)
+
+
+def runs_table(records, numbers):
+    """Every finished run: what it scored, where and how long it trained."""
+    rows = []
+    for (model, aug, seed), r in sorted(records.items()):
+        run, e = r["run"], r["eval"]
+        script = "train_cnn.py" if model == "cnn" else "train_resnet.py"
+        command = f"`python {script} --aug {aug} --seed {seed}`"
+        rows.append([MODELS[model], command, numbers.pct(run["test_accuracy"]),
+                     numbers.pct(e["repeated"]["mean"]) if e else "not measured yet",
+                     numbers.pct(run["history"][-1]["val_accuracy"]),
+                     f"{run['train_seconds'] / 60:.0f} min", run["device"], run["precision"],
+                     run["git_commit"][:7]])
+    return table(["model", "command (20 epochs)", "clean test %", "report protocol % (20 passes)",
+                  "held-out val % (epoch 20)", "train time", "device", "precision", "commit"], rows)
+
+
+TABLES = {"answer": answer_table, "verdicts": verdict_table, "cost": cost_table, "runs": runs_table}
+
+
+# ----------------------------------------------------------------------------- the figures
+
+def draw_answer(records, path):
+    """Figure (a): per model, one accuracy axis: the report's numbers beside ours, by recipe."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(16, 6), sharey=True)
+    report_log = evaluate.read_report_log()
+    for ax, (model, label) in zip(axes, MODELS.items()):
+        ax.scatter([0, 0], [100 * report_log[model][-1]["val_acc"], evaluate.REPORT[model]],
+                   marker="*", s=300, color="crimson", zorder=3)
+        ax.annotate('"val_accuracy"', (0.1, 100 * report_log[model][-1]["val_acc"]), va="center")
+        ax.annotate("test accuracy", (0.1, evaluate.REPORT[model]), va="center")
+        for x, aug in enumerate(RECIPES, start=1):
+            runs = runs_of(records, model, aug)
+            for key, colour, name in (("test_accuracy", "black", "clean test (one dot per seed)"),
+                                      ("val_accuracy", "tab:blue", "held-out validation"),
+                                      ("repeated", "tab:orange", "the report's test protocol")):
+                values = [100 * v for v in measure(runs, key)]
+                ax.scatter([x] * len(values), values, color=colour, s=60, alpha=0.8,
+                           label=name if x == 1 else None, zorder=3)
+        ax.set_xticks(range(len(RECIPES) + 1),
+                      ["the report"] + [f"ours,\n--aug {aug}" for aug in RECIPES], fontsize=12)
+        ax.set_xlim(-0.5, len(RECIPES) + 0.7)
+        ax.set_title(label, fontsize=15)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("accuracy (%)", fontsize=13)
+    axes[0].legend(loc="lower right", fontsize=11)
+    fig.suptitle("The report's numbers (stars) beside what its models measure here", fontsize=16)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+FIGURES = {"answer.png": draw_answer}
+
+
+def pyplot():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+# ----------------------------------------------------------------------------- pages
+
+def rebuild(text, tables):
+    """The page with each marked table replaced; raises on a marker naming no table."""
+    def replace(match):
+        name = match["name"]
+        if name not in tables:
+            raise SystemExit(f"build.py: a page marks a table '{name}' that the build does not make "
+                             f"(it makes: {', '.join(tables)})")
+        return match.group(1) + tables[name] + match.group(4)
+    return MARKER.sub(replace, text)
+
+
+def stray_percentages(text, numbers):
+    """Percentages in the prose (outside the built tables) that the build did not produce."""
+    prose = MARKER.sub("", text)
+    return sorted({m[1] for m in PERCENT.finditer(prose) if m[1] not in numbers.seen})
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true",
+                   help="change nothing; exit 1 naming each stale table or unbuilt percentage")
+    args = p.parse_args(argv)
+    records, numbers = load_records(), Numbers()
+    tables = {name: make(records, numbers) for name, make in TABLES.items()}
+    problems = []
+    for page in PAGES:
+        text = page.read_text()
+        built = rebuild(text, tables)
+        if args.check:
+            for old, new in zip(MARKER.finditer(text), MARKER.finditer(built)):
+                if old["body"] != new["body"]:
+                    problems.append(f"{page.relative_to(ROOT)}: table '{old['name']}' differs from "
+                                    f"what the records give (run python results/build.py)")
+        elif built != text:
+            page.write_text(built)
+            print(f"rewrote the tables of {page.relative_to(ROOT)}")
+        for stray in stray_percentages(built, numbers):
+            problems.append(f"{page.relative_to(ROOT)}: the prose quotes {stray}%, which no record gives")
+    if not args.check:
+        for name, draw in FIGURES.items():
+            if draw(records, ROOT / "docs" / name):
+                print(f"drew docs/{name}")
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    print(f"{len(records)} finished runs, {sum(r['eval'] is not None for r in records.values())} evaluated")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
