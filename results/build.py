@@ -26,8 +26,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # evaluate.py's statistics and the report's numbers, written once
 import evaluate  # noqa: E402
 
-RESULTS = ROOT / "results"
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 MODELS = {"cnn": "CNN", "resnet9": "ResNet9"}
 RECIPES = {"report": "the report's augmentation (`--aug report`)",
            "standard": "the usual crop and flip (`--aug standard`)",
@@ -55,15 +53,15 @@ class Numbers:
 
 # ----------------------------------------------------------------------------- the records
 
-def load_records():
+def load_records(results):
     """{(model, aug, seed): {"run": training record, "eval": evaluation or None}}, finished runs only."""
     records = {}
-    for path in sorted((RESULTS / "runs").glob("*/*.json")):
+    for path in sorted((results / "runs").glob("*/*.json")):
         run = json.loads(path.read_text())
         if "history" not in run or run.get("test_accuracy") is None:
             continue  # not a training record, or a run still going: not a result
         key = (run["model"], run["config"]["aug"], run["seed"])
-        evaluation = RESULTS / "eval" / f"{path.parent.name}-{run['model']}.json"
+        evaluation = results / "eval" / f"{path.parent.name}-{run['model']}.json"
         records[key] = {"run": run, "folder": path.parent.name,
                         "eval": json.loads(evaluation.read_text()) if evaluation.exists() else None}
     return records
@@ -242,30 +240,34 @@ def stray_percentages(text, numbers):
     return sorted({m[1] for m in PERCENT.finditer(prose) if m[1] not in numbers.seen})
 
 
-def main(argv=None):
+def pages(root):
+    return [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+
+
+def main(argv=None, root=ROOT):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--check", action="store_true",
                    help="change nothing; exit 1 naming each stale table or unbuilt percentage")
     args = p.parse_args(argv)
-    records, numbers = load_records(), Numbers()
+    records, numbers = load_records(root / "results"), Numbers()
     tables = {name: make(records, numbers) for name, make in TABLES.items()}
     problems = []
-    for page in PAGES:
+    for page in pages(root):
         text = page.read_text()
         built = rebuild(text, tables)
         if args.check:
             for old, new in zip(MARKER.finditer(text), MARKER.finditer(built)):
                 if old["body"] != new["body"]:
-                    problems.append(f"{page.relative_to(ROOT)}: table '{old['name']}' differs from "
+                    problems.append(f"{page.relative_to(root)}: table '{old['name']}' differs from "
                                     f"what the records give (run python results/build.py)")
         elif built != text:
             page.write_text(built)
-            print(f"rewrote the tables of {page.relative_to(ROOT)}")
+            print(f"rewrote the tables of {page.relative_to(root)}")
         for stray in stray_percentages(built, numbers):
-            problems.append(f"{page.relative_to(ROOT)}: the prose quotes {stray}%, which no record gives")
+            problems.append(f"{page.relative_to(root)}: the prose quotes {stray}%, which no record gives")
     if not args.check:
         for name, draw in FIGURES.items():
-            if draw(records, ROOT / "docs" / name):
+            if draw(records, root / "docs" / name):
                 print(f"drew docs/{name}")
     for problem in problems:
         print(problem, file=sys.stderr)

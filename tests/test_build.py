@@ -1,0 +1,121 @@
+"""results/build.py: the pages' tables come from the records, and --check catches a typed number."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+import evaluate
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("build", ROOT / "results" / "build.py")
+build = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(build)
+
+PAGE = """# A page
+
+Prose quoting the report: 44.53% and 66.02%.
+
+<!-- build: answer -->
+<!-- end build -->
+
+<!-- build: verdicts -->
+<!-- end build -->
+"""
+
+
+def write_run(root, model, aug, seed, test, val, repeated, finished=True):
+    """A training record and its evaluation, as train_*.py and evaluate.py --out write them."""
+    folder = root / "results" / "runs" / f"{aug}-s{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    run = {"model": model, "config": {"aug": aug}, "seed": seed,
+           "history": [{"epoch": 20, "val_accuracy": val}], "test_accuracy": test if finished else None,
+           "train_seconds": 600.0, "device": "cpu (test, 1 threads)", "precision": "bf16",
+           "git_commit": "0123456789abcdef"}
+    (folder / f"{model}.json").write_text(json.dumps(run))
+    evaluation = {"model": model, "aug": aug, "seed": seed, "test_accuracy": test, "val_accuracy": val,
+                  "repeated": {"mean": repeated, "n": 20, "aug": "report"}}
+    (root / "results" / "eval").mkdir(exist_ok=True)
+    (root / "results" / "eval" / f"{aug}-s{seed}-{model}.json").write_text(json.dumps(evaluation))
+
+
+@pytest.fixture
+def project(tmp_path):
+    """A project tree with two seeds of each model trained by the report's recipe."""
+    for seed, (cnn, resnet) in enumerate([(0.6243, 0.7157), (0.6274, 0.7132)]):
+        write_run(tmp_path, "cnn", "report", seed, cnn, cnn + 0.001, cnn - 0.13)
+        write_run(tmp_path, "resnet9", "report", seed, resnet, resnet + 0.005, resnet - 0.14)
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "README.md").write_text(PAGE)
+    return tmp_path
+
+
+def test_the_repositorys_pages_match_its_records(capsys):
+    """The CI gate: every table in README.md and docs/*.md is what the committed records give,
+    and no percentage in the prose is one the records do not."""
+    assert build.main(["--check"]) == 0, capsys.readouterr().err
+
+
+def test_build_fills_the_tables_from_the_records(project):
+    assert build.main([], root=project) == 0
+    page = (project / "README.md").read_text()
+    # the CNN over its 2 seeds: mean 62.585%, sample std 0.219 points
+    assert "62.59% ± 0.22 (n = 2)" in page
+    assert "71.45% ± 0.18 (n = 2)" in page
+    t, df, p = evaluate.welch([0.7157, 0.7132], [0.6243, 0.6274])
+    assert f"{p:.2g} (df = {df:.1f})" in page
+    assert "| `--aug none` | 0 and 0 |" in page  # a recipe with no runs yet says so
+    assert build.main(["--check"], root=project) == 0
+
+
+def test_check_names_a_hand_edited_table_and_changes_nothing(project, capsys):
+    build.main([], root=project)
+    edited = (project / "README.md").read_text().replace("62.59%", "62.95%")
+    (project / "README.md").write_text(edited)
+    assert build.main(["--check"], root=project) == 1
+    assert "README.md: table 'answer' differs" in capsys.readouterr().err
+    assert (project / "README.md").read_text() == edited
+
+
+def test_check_catches_a_percentage_typed_into_the_prose(project, capsys):
+    build.main([], root=project)
+    page = project / "README.md"
+    page.write_text(page.read_text() + "\nThe CNN scored 62.43% on its first seed.\n")
+    assert build.main(["--check"], root=project) == 0  # 62.43 is seed 0's record: it is built
+    page.write_text(page.read_text() + "\nAn old run scored 64.93%.\n")
+    assert build.main(["--check"], root=project) == 1
+    assert "quotes 64.93%" in capsys.readouterr().err
+
+
+def test_a_new_record_makes_the_pages_stale(project):
+    build.main([], root=project)
+    write_run(project, "cnn", "report", 2, 0.6295, 0.639, 0.4959)
+    assert build.main(["--check"], root=project) == 1
+    build.main([], root=project)
+    assert "(n = 3)" in (project / "README.md").read_text()
+
+
+def test_a_run_still_training_is_not_a_result(project):
+    write_run(project, "cnn", "none", 0, 0.69, 0.69, 0.25, finished=False)
+    assert build.load_records(project / "results").keys() == {
+        ("cnn", "report", 0), ("cnn", "report", 1), ("resnet9", "report", 0), ("resnet9", "report", 1)}
+
+
+def test_without_matplotlib_the_tables_are_still_built(project, monkeypatch):
+    monkeypatch.setattr(build, "pyplot", lambda: None)
+    assert build.main([], root=project) == 0
+    assert "62.59%" in (project / "README.md").read_text()
+    assert not (project / "docs" / "answer.png").exists()
+    assert build.main(["--check"], root=project) == 0
+
+
+def test_figure_a_is_drawn_with_matplotlib(project):
+    pytest.importorskip("matplotlib")
+    build.main([], root=project)
+    assert (project / "docs" / "answer.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_marker_naming_no_table_is_refused(project):
+    (project / "README.md").write_text("<!-- build: nonsense -->\n<!-- end build -->\n")
+    with pytest.raises(SystemExit, match="nonsense"):
+        build.main(["--check"], root=project)
