@@ -9,7 +9,7 @@ on batches of 64 images:
   (a) batched      common.augment_report on uint8 batches already on the device, every image
                    with its own random parameters from a generator on the device. After a
                    warm-up; on CUDA the clock is read only after a synchronize.
-  (b) torchvision  common.torchvision_pipeline("report") applied one image at a time by a
+  (b) torchvision  torchvision_pipeline("report") applied one image at a time by a
                    DataLoader with 2 worker processes, as a Colab notebook does. Timed: one
                    full pass over the same images, from creating the iterator (the workers
                    start then, as at every epoch of a notebook) to the last batch received on
@@ -44,17 +44,15 @@ from pathlib import Path
 
 import torch
 import torchvision
+import torchvision.transforms.v2 as T
 from torch.utils.data import DataLoader, Dataset
 
 import common
-from train_cnn import CNN
-from train_resnet import ResNet9
 
-BATCH = 64  # the report's batch size (common.parse_args's default)
+BATCH = common.REPORT_RECIPE["batch_size"]  # the report's batch size
 WORKERS = 2  # a Colab notebook's DataLoader(num_workers=2)
 TRAIN_IMAGES = 50_000  # the size of the random stand-in for CIFAR-10's training set
 ROUNDS = 3  # (c) alternates bare and full blocks this many times and keeps the medians
-MODELS = {"cnn": CNN, "resnet9": ResNet9}
 # Defaults by device: a ResNet9 step takes about 1.1 s on a 2-core CPU and milliseconds on a
 # GPU, and the default run should stay within about 3 minutes on the CPU.
 DEFAULTS = {"cpu": {"images": 10_000, "steps": 5, "warmup_steps": 1},
@@ -82,7 +80,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, help="timed training steps per block in (c), "
                    f"{ROUNDS} blocks each of bare and full "
                    f"(default by device: {DEFAULTS['cpu']['steps']} on cpu, {DEFAULTS['cuda']['steps']} on cuda)")
-    p.add_argument("--model", choices=sorted(MODELS), default="resnet9", help="the model trained in (c)")
+    p.add_argument("--model", choices=sorted(common.MODEL_SCRIPTS), default="resnet9", help="the model trained in (c)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU is available here (use --device cpu or auto)")
@@ -147,6 +145,33 @@ def time_batched(images, device):
 
 # ----------------------------------------------------------------------------- (b) torchvision
 
+def torchvision_pipeline(aug="report"):
+    """The same augmentation written with torchvision transforms, applied one image at a time.
+
+    Not used for training: it is the peer that (b) races, and the tests compare with.
+    Input: one uint8 (3, 32, 32) tensor.
+    """
+    J = common.JITTER
+
+    class RandomSharpness(T.Transform):  # torchvision has a fixed-factor version only
+        def transform(self, inpt, params):
+            return T.functional.adjust_sharpness(inpt, float(torch.empty(()).uniform_(1 - J, 1 + J)))
+
+    to_input = [T.ToDtype(torch.float32, scale=True)]
+    norm = [T.Normalize(common.MEAN, common.STD)]
+    if aug == "none":
+        return T.Compose(to_input + norm)
+    if aug == "standard":
+        crop = T.RandomCrop(common.IMAGE_SIZE, padding=common.PAD)
+        return T.Compose(to_input + [crop, T.RandomHorizontalFlip()] + norm)
+    return T.Compose(to_input + [
+        T.RandomResizedCrop(common.IMAGE_SIZE, scale=common.CROP_SCALE, ratio=common.CROP_RATIO),
+        T.RandomRotation(common.MAX_ROTATION),
+        T.RandomHorizontalFlip(common.FLIP_P),
+        T.RandomApply([T.ColorJitter(J, J, J), RandomSharpness()], p=common.JITTER_P),
+    ] + norm + [T.RandomErasing(common.ERASE_P, common.ERASE_SCALE, common.ERASE_RATIO, value=0)])
+
+
 class PerImage(Dataset):
     """uint8 (3, 32, 32) image tensors and labels, each image transformed when it is fetched."""
 
@@ -162,7 +187,7 @@ class PerImage(Dataset):
 
 def time_torchvision(images, labels):
     """(images per second, seconds to the first batch) of one pass of the notebook's loader."""
-    transform = common.torchvision_pipeline("report")
+    transform = torchvision_pipeline("report")
     for image in images[:BATCH]:  # warm-up: lazy imports and first calls, inherited by the workers
         transform(image)
     loader = DataLoader(PerImage(images, labels, transform), batch_size=BATCH, shuffle=True,
@@ -182,7 +207,7 @@ def make_step(name, device, precision):
     accuracy bookkeeping), on a fresh model with the report's optimizer and schedule."""
     settings = common.parse_args(None, ["--device", device.type, "--precision", precision])  # the report's
     torch.manual_seed(0)
-    model = MODELS[name]().to(device).train()
+    model = common.model_class(name)().to(device).train()
     if common.uses_channels_last(device, precision):  # as train_*.py
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.max_lr, weight_decay=settings.weight_decay)

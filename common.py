@@ -8,11 +8,13 @@ Sections, in the order a run uses them:
   checkpoints   atomic saves, safe loading, exact resume
   evaluation    clean accuracy, the report's repeated passes, test-time augmentation
 
-Functions take what they use and return numbers; the scripts do the printing.
+Functions take what they use and return numbers, except the training loop (fit and its
+helpers), which prints the run's log as it goes, and the one-line errors of cli().
 """
 import argparse
 import contextlib
 import functools
+import importlib
 import json
 import math
 import os
@@ -32,6 +34,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# The report's recipe, written once: the training scripts' defaults, the schedule evaluate.py
+# holds a run against before comparing it with the report's log, and bench.py's batch size.
+REPORT_RECIPE = {
+    "epochs": 20,            # one-cycle over 20 epochs
+    "batch_size": 64,
+    "max_lr": 0.01,          # the one-cycle schedule's peak learning rate, with Adam
+    "weight_decay": 1e-4,
+    "grad_clip": 0.1,        # each gradient value clipped to +-0.1
+    "clip_norm": False,      # by value, not by norm (the report does not say: see docs/decisions.md)
+    "aug": "report",         # its augmentation pipeline (see augment_report)
+    "test_passes": 100,      # its test accuracy: "averaged over 100 runs"
+}
 MEAN = STD = (0.5, 0.5, 0.5)  # the report's Normalize: pixels in [0, 1] -> [-1, 1]
 NUM_CLASSES = 10
 IMAGE_SIZE = 32
@@ -213,7 +227,9 @@ MAX_ROTATION = 20.0  # degrees, the report's
 FLIP_P = 0.1  # the report's
 JITTER_P = 0.1  # the report's
 # ColorJitter's defaults are 0 (no change) and RandomAdjustSharpness has none, so we choose:
-# each factor uniform in [1 - JITTER, 1 + JITTER], i.e. ColorJitter(0.2, 0.2, 0.2).
+# each factor uniform in [1 - JITTER, 1 + JITTER], the range of ColorJitter(0.2, 0.2, 0.2),
+# applied in one fixed order (brightness, contrast, saturation, sharpness), where ColorJitter
+# shuffles the order of its three for every image.
 JITTER = 0.2
 ERASE_P = 0.75  # the report's
 ERASE_SCALE, ERASE_RATIO = (0.02, 0.33), (0.3, 3.3)  # RandomErasing defaults, value 0
@@ -424,34 +440,16 @@ def augment_none(images, gen=None):
 AUGMENTATIONS = {"report": augment_report, "standard": augment_standard, "none": augment_none}
 
 
-def torchvision_pipeline(aug="report"):
-    """The same augmentation written with torchvision transforms, applied one image at a time.
-
-    Not used for training: it is the peer that bench.py races and the tests compare with.
-    Input: one uint8 (3, 32, 32) tensor.
-    """
-    import torchvision.transforms.v2 as T
-
-    class RandomSharpness(T.Transform):  # torchvision has a fixed-factor version only
-        def transform(self, inpt, params):
-            factor = float(_uniform(1, 1 - JITTER, 1 + JITTER, None, "cpu"))
-            return T.functional.adjust_sharpness(inpt, factor)
-
-    to_input = [T.ToDtype(torch.float32, scale=True)]
-    norm = [T.Normalize(MEAN, STD)]
-    if aug == "none":
-        return T.Compose(to_input + norm)
-    if aug == "standard":
-        return T.Compose(to_input + [T.RandomCrop(IMAGE_SIZE, padding=PAD), T.RandomHorizontalFlip()] + norm)
-    return T.Compose(to_input + [
-        T.RandomResizedCrop(IMAGE_SIZE, scale=CROP_SCALE, ratio=CROP_RATIO),
-        T.RandomRotation(MAX_ROTATION),
-        T.RandomHorizontalFlip(FLIP_P),
-        T.RandomApply([T.ColorJitter(JITTER, JITTER, JITTER), RandomSharpness()], p=JITTER_P),
-    ] + norm + [T.RandomErasing(ERASE_P, ERASE_SCALE, ERASE_RATIO, value=0)])
-
-
 # ----------------------------------------------------------------------------- model
+
+# Which script defines each model: evaluate.py and bench.py import it from there, never copy it.
+MODEL_SCRIPTS = {"cnn": ("train_cnn", "CNN"), "resnet9": ("train_resnet", "ResNet9")}
+
+
+def model_class(name):
+    module, class_name = MODEL_SCRIPTS[name]
+    return getattr(importlib.import_module(module), class_name)
+
 
 def count_params(model):
     return sum(p.numel() for p in model.parameters())
@@ -607,13 +605,16 @@ def parse_args(description, argv=None, prog=None, name=None):
     the precision the run started in, known from here on (the model's memory layout needs it)."""
     p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter,
                                 allow_abbrev=False)  # so next_step can find --resume and --stop-after
-    p.add_argument("--epochs", type=int, default=20, help="training epochs")
-    p.add_argument("--batch-size", type=int, default=64, help="images per training step")
-    p.add_argument("--max-lr", type=float, default=0.01, help="peak of the one-cycle learning rate")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="Adam's weight decay")
-    p.add_argument("--grad-clip", type=float, default=0.1, help="clip each gradient value to +-this (0: off)")
-    p.add_argument("--clip-norm", action="store_true", help="clip the gradients' total norm instead of each value")
-    p.add_argument("--aug", choices=sorted(AUGMENTATIONS), default="report",
+    recipe = REPORT_RECIPE
+    p.add_argument("--epochs", type=int, default=recipe["epochs"], help="training epochs")
+    p.add_argument("--batch-size", type=int, default=recipe["batch_size"], help="images per training step")
+    p.add_argument("--max-lr", type=float, default=recipe["max_lr"], help="peak of the one-cycle learning rate")
+    p.add_argument("--weight-decay", type=float, default=recipe["weight_decay"], help="Adam's weight decay")
+    p.add_argument("--grad-clip", type=float, default=recipe["grad_clip"],
+                   help="clip each gradient value to +-this (0: off)")
+    p.add_argument("--clip-norm", action="store_true", default=recipe["clip_norm"],
+                   help="clip the gradients' total norm instead of each value")
+    p.add_argument("--aug", choices=sorted(AUGMENTATIONS), default=recipe["aug"],
                    help="training augmentation: report (the report's pipeline), standard (pad-crop-flip) or none")
     p.add_argument("--val-size", type=int, default=5000,
                    help="training images held out for validation (0: train on all 50,000 as the report)")
@@ -1110,8 +1111,8 @@ def load_checkpoint(path):
                         f"({type(error).__name__})") from None
     if not isinstance(state, dict) or state.get("program") != PROGRAM:
         raise UserError(f"{path} was not written by train_cnn.py or train_resnet.py")
-    if state["config"].get("aug") == "seed":  # the report's pipeline had that name until it was
-        state["config"]["aug"] = "report"  # renamed; such checkpoints load, resume and group as it
+    if state["config"].get("aug") == "seed":  # "seed" is another name of the report's pipeline:
+        state["config"]["aug"] = "report"  # such checkpoints load, resume and group as --aug report
     return state
 
 
@@ -1124,8 +1125,8 @@ def _checkpoint_hint(path):
 
 
 def saved_setting(config, key):
-    """A run setting as a checkpoint saved it. Checkpoints from before --precision existed were
-    trained in float32 on a CPU and in bfloat16 on CUDA."""
+    """A run setting as a checkpoint saved it. A checkpoint that names no precision trained in
+    float32 on a CPU and in bfloat16 on CUDA."""
     if key == "precision" and key not in config:
         return "bf16" if config.get("device") == "cuda" else "fp32"
     return config.get(key)
@@ -1198,7 +1199,7 @@ def repeated_accuracies(model, images, labels, augment, repeats, seed=0, precisi
 
 
 def tta_accuracy(model, images, labels, precision="fp32"):
-    """Test-time augmentation done right: average the predicted probabilities of each image
+    """Test-time augmentation (TTA): average the predicted probabilities of each image
     and its mirror image, then take the most probable class."""
     probs = (predict(model, images, precision=precision).softmax(dim=1)
              + predict(model, images.flip(-1), precision=precision).softmax(dim=1))

@@ -16,7 +16,7 @@ For each checkpoint it reports:
                   (default) is the report's list, whatever the model was trained with;
                   train is the checkpoint's own --aug; none gives passes equal to the clean
                   pass.
-  tta_accuracy    repeated passes done right (--tta): average each image's predicted
+  tta_accuracy    test-time augmentation (--tta): average each image's predicted
                   probabilities with its mirror image's, then decide.
   train_accuracy  clean accuracy on the images the model trained on: what the report's
                   "val_accuracy" column (99.9%) behaves like; val_accuracy is the held-out one.
@@ -35,8 +35,8 @@ the images one model gets right and the other does not.
 import argparse
 import csv
 import functools
-import importlib
 import math
+import statistics
 import time
 from pathlib import Path
 
@@ -44,10 +44,8 @@ import torch
 
 import common
 
-# Which script defines each model: the model is imported from there, never copied.
-MODELS = {"cnn": ("train_cnn", "CNN"), "resnet9": ("train_resnet", "ResNet9")}
 REPORT = {"cnn": 44.53, "resnet9": 66.02}  # the report's test accuracies (mean of 100 runs)
-REPORT_LOG = Path(__file__).with_name("report_log.csv")  # the report's epoch logs, from SEED.md
+REPORT_LOG = Path(__file__).with_name("report_log.csv")  # the report's epoch logs, as printed in it
 # Each column of the report's log, and the run's columns it might be measuring.
 REPORT_COLUMNS = {"train_loss": ("train_loss", "val_loss"), "val_loss": ("val_loss", "train_loss"),
                   "val_acc": ("train_accuracy", "val_accuracy")}
@@ -67,7 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=common.PRECISIONS,
                    help="arithmetic (default: each checkpoint's own, so the clean accuracy equals its "
                         "training run's; auto on another kind of device than it trained on)")
-    p.add_argument("--repeats", type=int, default=100,
+    p.add_argument("--repeats", type=int, default=common.REPORT_RECIPE["test_passes"],
                    help="passes of the report's protocol (default: 100, as the report; 0: skip)")
     p.add_argument("--repeat-aug", choices=[*sorted(common.AUGMENTATIONS), "train"], default="report",
                    help="what the report's protocol passes the test images through: report, the "
@@ -95,14 +93,14 @@ def parse_args(argv=None):
 
 def build_model(state, path):
     """The checkpoint's model, rebuilt from the class in its training script."""
-    if state.get("model_name") not in MODELS:
+    if state.get("model_name") not in common.MODEL_SCRIPTS:
         raise common.UserError(f"{path} holds an unknown model {state.get('model_name')!r}")
-    module_name, class_name = MODELS[state["model_name"]]
-    model = getattr(importlib.import_module(module_name), class_name)()
+    model_class = common.model_class(state["model_name"])
+    model = model_class()
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError, TypeError) as error:
-        raise common.UserError(f"{path}: weights do not fit {class_name} "
+        raise common.UserError(f"{path}: weights do not fit {model_class.__name__} "
                                f"({str(error).splitlines()[0][:120]})") from None
     return model
 
@@ -207,8 +205,8 @@ def data_folder(config, given):
 
 
 # The report's schedule: a run with other values cannot be compared with its log line for line.
-REPORT_SCHEDULE = {"epochs": 20, "batch_size": 64, "max_lr": 0.01, "weight_decay": 1e-4,
-                   "grad_clip": 0.1, "clip_norm": False, "subset": 0, "dry_run": False}
+SCHEDULE_KEYS = ("epochs", "batch_size", "max_lr", "weight_decay", "grad_clip", "clip_norm")
+REPORT_SCHEDULE = {**{key: common.REPORT_RECIPE[key] for key in SCHEDULE_KEYS}, "subset": 0, "dry_run": False}
 
 
 def schedule_differences(config):
@@ -393,9 +391,8 @@ def spread(values):
     """mean, sample standard deviation (n - 1; None for one run) and the values; None if any is."""
     if any(value is None for value in values):
         return None
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else None
-    return {"mean": mean, "std": std, "values": values}
+    std = statistics.stdev(values) if len(values) > 1 else None
+    return {"mean": statistics.fmean(values), "std": std, "values": values}
 
 
 def summarise(groups, results):
@@ -460,12 +457,13 @@ def verdict(a, b):
     only_better = int((better["correct"] & ~worse["correct"]).sum())
     only_worse = int((worse["correct"] & ~better["correct"]).sum())
     z = (only_better - only_worse) / math.sqrt(max(only_better + only_worse, 1))
+    p = 2 * statistics.NormalDist().cdf(-abs(z))  # two-sided: z is about normal for 10+ such images
     result = {"test": "mcnemar", "better": better["model"], "better_checkpoint": better["checkpoint"],
-              "gap_points": gap, "mcnemar_z": z, "significant": abs(z) > 1.96}
+              "gap_points": gap, "mcnemar_z": z, "mcnemar_p": p, "significant": p < 0.05}
     text = (f"{better['model']} is better: {pct(better['test_accuracy'])} vs {pct(worse['test_accuracy'])} "
             f"clean test accuracy, {gap:.2f} points; ")
     text += ("more than test-set noise" if result["significant"] else "within test-set noise") + \
-            f" (McNemar z = {z:.1f}: {only_better} images only it gets right, {only_worse} only the other)."
+            f" (McNemar z = {z:.1f}, p = {p:.2g}: {only_better} images only it gets right, {only_worse} only the other)."
     text += ("\nOne run of each: McNemar weighs the test set's noise for these two trained networks, "
              "not how much a new seed changes them; for that, train several seeds of each and "
              "evaluate them together (README: Several seeds).")
@@ -533,9 +531,8 @@ def report_conclusion(result, accuracies, runs):
 def welch(a, b):
     """Welch's t, its degrees of freedom and the two-sided p-value for samples a and b.
     (t and df are None when neither sample varies: p is then 1 for equal means, else 0.)"""
-    mean_a, mean_b = sum(a) / len(a), sum(b) / len(b)
-    se2_a = sum((x - mean_a) ** 2 for x in a) / (len(a) - 1) / len(a)  # squared standard errors
-    se2_b = sum((x - mean_b) ** 2 for x in b) / (len(b) - 1) / len(b)
+    mean_a, mean_b = statistics.fmean(a), statistics.fmean(b)
+    se2_a, se2_b = statistics.variance(a) / len(a), statistics.variance(b) / len(b)  # squared standard errors
     if se2_a + se2_b == 0:
         return None, None, float(mean_a == mean_b)
     t = (mean_a - mean_b) / math.sqrt(se2_a + se2_b)
@@ -598,10 +595,6 @@ def main(argv=None):
     if any(r["dry_run"] for r in results):
         print("dry run: a check of the code (1 epoch of 128 training images, tested on 500), "
               "not a measurement; its numbers say nothing of the models or of the report")
-    sizes = sorted({len(r["correct"]) for r in results})
-    if len(sizes) > 1:
-        raise common.UserError(f"the checkpoints were tested on {' and '.join(f'{s:,}' for s in sizes)} "
-                               f"images (a --dry-run uses 500): compare runs of the same kind")
     output = results[0]
     if len(results) == 2 and len(groups) == 2:  # one run of each model: image by image
         table, judged = compare(*results)

@@ -14,6 +14,7 @@ import torchvision.transforms as T1
 import torchvision.transforms.v2.functional as TF
 from torchvision.transforms import InterpolationMode
 
+import bench
 import common
 
 SIZE = common.IMAGE_SIZE
@@ -521,7 +522,7 @@ def real_images(real_data_dir):
 
 
 def torchvision_outputs(images, aug, seed):
-    pipeline = common.torchvision_pipeline(aug)
+    pipeline = bench.torchvision_pipeline(aug)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return torch.stack([pipeline(image) for image in images])
