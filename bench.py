@@ -203,7 +203,7 @@ def time_torchvision(images, labels):
 # ----------------------------------------------------------------------------- (c) training step
 
 def make_step(name, device, precision):
-    """A function that takes one training step, as common.train_epoch does (less its loss and
+    """A function that takes one training step, as the loop in common.fit does (less its loss and
     accuracy bookkeeping), on a fresh model with the report's optimizer and schedule."""
     settings = common.parse_args(None, ["--device", device.type, "--precision", precision])  # the report's
     torch.manual_seed(0)
@@ -228,7 +228,7 @@ def bare_batches(images, labels, precision):
 
 
 def full_batches(images, labels, gen, precision):
-    """The training loop's data path (common.train_epoch): a permutation per pass over the
+    """The training loop's data path (common.fit): a permutation per pass over the
     images, then per step a slice of it, gathered from the uint8 images and augmented."""
     while True:
         order = torch.randperm(len(labels), generator=gen, device=labels.device)

@@ -10,6 +10,10 @@ Sections, in the order a run uses them:
 
 Functions take what they use and return numbers, except the training loop (fit and its
 helpers), which prints the run's log as it goes, and the one-line errors of cli().
+
+Two kinds of comments: plain ones explain the method, for a student reading how the report's
+run works; those starting "impl:" explain an implementation choice (speed on a device, safe
+files, a torch quirk) that a reader following the method can skip.
 """
 import argparse
 import contextlib
@@ -50,12 +54,12 @@ MEAN = STD = (0.5, 0.5, 0.5)  # the report's Normalize: pixels in [0, 1] -> [-1,
 NUM_CLASSES = 10
 IMAGE_SIZE = 32
 SPLIT_SEED = 0  # the validation split is fixed: every run and every seed holds out the same images
-EVAL_BATCH = 200  # no gradients, so larger than training; larger still is slower on CPU (measured)
+EVAL_BATCH = 200  # impl: no gradients, so larger than training; larger still is slower on CPU
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"  # torchvision's
 CIFAR10_TGZ = "cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"  # md5 of the official archive (torchvision's)
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
-UMASK = os.umask(0o022)  # reading the umask means setting it: read it once and put it back
+UMASK = os.umask(0o022)  # impl: reading the umask means setting it: read it once and put it back
 os.umask(UMASK)
 
 
@@ -239,8 +243,8 @@ GRAY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 
 @functools.cache
 def _constant(values, device, dtype=torch.float32):
-    """A small constant tensor, made once per device: building it from a Python list every
-    batch would be a host-to-device copy on every training step of a GPU run."""
+    """A small constant tensor, made once per device. (impl: building it from a Python list
+    every batch would be a host-to-device copy on every training step of a GPU run.)"""
     return torch.tensor(values, dtype=dtype, device=device)
 
 
@@ -294,8 +298,8 @@ def resample(images, top, left, height, width, degrees, flip):
     gives (u, v), where it lies in the resized crop. What falls outside the crop is 0 (black),
     as RandomRotation's default fill after the crop; the rest is read from the box, clamped to
     the box's edge pixels as a resize does. torchvision resamples twice (bilinear crop, then a
-    nearest-neighbour rotation); one pass is faster and blurs less. The coordinates are
-    built as separate x and y planes: ops on (n, 32, 32, 2) grids are slow on CPUs.
+    nearest-neighbour rotation); one pass is faster and blurs less. (impl: the coordinates are
+    built as separate x and y planes: ops on (n, 32, 32, 2) grids are slow on CPUs.)
     """
     n, _, size, _ = images.shape
     angle = torch.deg2rad(degrees).view(n, 1, 1)
@@ -321,7 +325,7 @@ def _grayscale(images):
 
 
 def _blend(images, other, factor):
-    """factor * images + (1 - factor) * other, clamped to [0, 1]: how torchvision adjusts colour."""
+    """factor * images + (1 - factor) * other, clamped to [0, 1]: how torchvision adjusts color."""
     return torch.lerp(other, images, factor.view(-1, 1, 1, 1)).clamp_(0, 1)
 
 
@@ -333,22 +337,27 @@ def _blurred(images):
     return blurred
 
 
-def color_jitter(images, gen, whole_batch=None):
+def color_jitter(images, gen):
     """With p=JITTER_P per image: brightness, contrast, saturation and sharpness, in that order.
 
     Each is torchvision's blend with a reference image (black, mean grey, greyscale, blurred).
-    The result is the same on every device; only the way to compute it differs. On a GPU
-    the whole batch is computed and `torch.where` keeps the chosen images, since picking
-    them out (`nonzero`) would make the GPU wait; on a CPU only the ~10% chosen are computed.
-    (`whole_batch` forces one way or the other: the tests run the GPU's way on a CPU.)
+    The result is the same on every device; only the way to compute it differs (see below).
     """
     n, device = len(images), images.device
     chosen = torch.rand(n, generator=gen, device=device) < JITTER_P
     factors = _uniform(4 * n, 1 - JITTER, 1 + JITTER, gen, device).view(4, n)
-    if whole_batch is None:
-        whole_batch = images.is_cuda
-    if whole_batch:
-        return torch.where(chosen.view(-1, 1, 1, 1), _jitter(images, *factors), images)
+    jitter_chosen = _jitter_all_keep_chosen if images.is_cuda else _jitter_only_chosen
+    return jitter_chosen(images, chosen, factors)
+
+
+def _jitter_all_keep_chosen(images, chosen, factors):
+    """impl, the GPU's way: jitter every image and keep the chosen ones with torch.where;
+    picking them out (nonzero) would make the GPU wait for the count."""
+    return torch.where(chosen.view(-1, 1, 1, 1), _jitter(images, *factors), images)
+
+
+def _jitter_only_chosen(images, chosen, factors):
+    """impl, the CPU's way: jitter only the ~10% chosen images."""
     picked = chosen.nonzero().squeeze(1)
     out = images.clone()
     out[picked] = _jitter(images[picked], *factors[:, picked])
@@ -386,14 +395,14 @@ def normalize(images):
     return (images - mean).div_(std)
 
 
-REPORT_STEPS = ("crop", "rotate", "flip", "colour", "erase")  # the report's pipeline, in order
+REPORT_STEPS = ("crop", "rotate", "flip", "color", "erase")  # the report's pipeline, in order
 
 
 def augment_report(images, gen, steps=REPORT_STEPS):
     """The report's training pipeline (uint8 batch -> normalised float batch).
 
     Crop (scale 0.08-1) + rotation (+-20 deg) + flip (p=0.1) in one resampling, then with
-    p=0.1 colour jitter, then Normalize, then erasing (p=0.75) with value 0, which after
+    p=0.1 color jitter, then Normalize, then erasing (p=0.75) with value 0, which after
     normalisation is mid-grey, as in the report's order. `steps` leaves some out (evaluate.py
     --ablation); Normalize is always done. Every geometric draw is made either way, so a step
     left out changes nothing else.
@@ -410,7 +419,7 @@ def augment_report(images, gen, steps=REPORT_STEPS):
     if "flip" not in steps:
         flip = torch.zeros_like(flip)
     out = resample(to_float(images), top, left, h, w, degrees, flip)
-    if "colour" in steps:
+    if "color" in steps:
         out = color_jitter(out, gen)
     out = normalize(out)
     return erase(out, gen) if "erase" in steps else out
@@ -511,8 +520,30 @@ def cpu_bf16_unit():
 
 
 def cpu_capabilities():
-    """What torch.cpu.get_capabilities() reports (public in recent torch); {} where it is missing."""
-    return getattr(torch.cpu, "get_capabilities", dict)()
+    """The CPU's instruction sets and name, as torch.cpu.get_capabilities() reports them. Older
+    torch (2.6) lacks it: there, the flags Linux lists in /proc/cpuinfo, which use the same
+    names (amx_bf16, avx512_bf16); elsewhere {}."""
+    probe = getattr(torch.cpu, "get_capabilities", None)
+    return probe() if probe else linux_cpu_flags()
+
+
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def linux_cpu_flags():
+    """{flag: True for each of the first CPU's flags, "cpu_name": its model name}; {} off Linux."""
+    try:
+        lines = CPUINFO.read_text().splitlines()
+    except OSError:
+        return {}
+    fields = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())  # the first CPU's: all cores are alike
+    found = {flag: True for flag in fields.get("flags", "").split()}
+    if fields.get("model name"):
+        found["cpu_name"] = fields["model name"]
+    return found
 
 
 def cuda_capability(device):
@@ -597,30 +628,27 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """--help shows each default, and the script's docstring as it is written."""
 
 
-def parse_args(description, argv=None, prog=None, name=None):
-    """The training scripts' command line, with the report's settings as defaults.
-
-    With `name` (the model's, which names its files), the output folder is checked before any
-    work: a run never replaces another run's checkpoint. On a resume, `--precision auto` means
-    the precision the run started in, known from here on (the model's memory layout needs it)."""
+def parse_args(description, argv=None, prog=None):
+    """The training scripts' command line, with the report's recipe as defaults. Each value is
+    checked as it is read (argparse's one-line error); what needs the machine is in setup()."""
     p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter,
-                                allow_abbrev=False)  # so next_step can find --resume and --stop-after
+                                allow_abbrev=False)  # impl: so next_step can find --resume and --stop-after
     recipe = REPORT_RECIPE
-    p.add_argument("--epochs", type=int, default=recipe["epochs"], help="training epochs")
-    p.add_argument("--batch-size", type=int, default=recipe["batch_size"], help="images per training step")
-    p.add_argument("--max-lr", type=float, default=recipe["max_lr"], help="peak of the one-cycle learning rate")
-    p.add_argument("--weight-decay", type=float, default=recipe["weight_decay"], help="Adam's weight decay")
-    p.add_argument("--grad-clip", type=float, default=recipe["grad_clip"],
+    p.add_argument("--epochs", type=positive_int, default=recipe["epochs"], help="training epochs")
+    p.add_argument("--batch-size", type=positive_int, default=recipe["batch_size"], help="images per training step")
+    p.add_argument("--max-lr", type=positive_float, default=recipe["max_lr"], help="peak of the one-cycle learning rate")
+    p.add_argument("--weight-decay", type=non_negative_float, default=recipe["weight_decay"], help="Adam's weight decay")
+    p.add_argument("--grad-clip", type=non_negative_float, default=recipe["grad_clip"],
                    help="clip each gradient value to +-this (0: off)")
     p.add_argument("--clip-norm", action="store_true", default=recipe["clip_norm"],
                    help="clip the gradients' total norm instead of each value")
     p.add_argument("--aug", choices=sorted(AUGMENTATIONS), default=recipe["aug"],
                    help="training augmentation: report (the report's pipeline), standard (pad-crop-flip) or none")
-    p.add_argument("--val-size", type=int, default=5000,
+    p.add_argument("--val-size", type=non_negative_int, default=5000,
                    help="training images held out for validation (0: train on all 50,000 as the report)")
-    p.add_argument("--subset", type=int, default=0, help="train on only this many images (0: all)")
+    p.add_argument("--subset", type=non_negative_int, default=0, help="train on only this many images (0: all)")
     p.add_argument("--seed", type=int, default=0, help="random seed for weights, order and augmentation")
-    p.add_argument("--device", choices=DEVICES, default="auto",
+    p.add_argument("--device", type=available_device, choices=DEVICES, default="auto",
                    help="where to train (auto: cuda if there is one, else cpu; mps is untested)")
     p.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="arithmetic: auto picks bf16 on GPUs and CPUs with native bfloat16, fp16 "
@@ -631,7 +659,7 @@ def parse_args(description, argv=None, prog=None, name=None):
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model (CUDA; fixed shapes: a few graphs, each compiled once)")
     p.add_argument("--resume", metavar="CHECKPOINT", help="continue the run saved in this checkpoint")
-    p.add_argument("--stop-after", type=int, metavar="K", help="end cleanly after epoch K (resume later)")
+    p.add_argument("--stop-after", type=positive_int, metavar="K", help="end cleanly after epoch K (resume later)")
     p.add_argument("--dry-run", action="store_true",
                    help="check the whole run in seconds: 1 epoch, 128 training, 100 val and 500 test "
                         "images, saved under OUT/dry-run")
@@ -639,25 +667,70 @@ def parse_args(description, argv=None, prog=None, name=None):
     args.prog, args.argv = p.prog, list(sys.argv[1:] if argv is None else argv)  # for next_step
     if args.dry_run:
         args.epochs, args.subset, args.val_size = 1, 128, 100
+    return args
+
+
+def _number(text, kind, strict):
+    """text as an int or a finite float, > 0 (strict) or >= 0; else argparse's one-line error."""
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value < 0 or (strict and value == 0):
+        raise argparse.ArgumentTypeError(f"must be {'positive' if strict else 'zero or more'}, got {text}")
+    return value
+
+
+def positive_int(text):
+    return _number(text, int, strict=True)
+
+
+def non_negative_int(text):
+    return _number(text, int, strict=False)
+
+
+def positive_float(text):
+    return _number(text, float, strict=True)
+
+
+def non_negative_float(text):
+    return _number(text, float, strict=False)
+
+
+DEVICES = ["auto", "cpu", "cuda", "mps"]
+
+
+def available_device(name):
+    """--device cuda/mps where there is none: argparse's one-line error, before any work."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError("no CUDA GPU is available here (use --device cpu or auto)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError("no Apple GPU is available here (use --device cpu or auto)")
+    return name
+
+
+def setup(args, name):
+    """Everything before the data and the model: the output folder (never another run's), the
+    device and precision, the checkpoint to resume (read once, into args.resumed), the seed."""
     args.out = output_folder(args.out, args.resume, args.dry_run)
-    for flag in ("epochs", "batch_size"):
-        if getattr(args, flag) <= 0:
-            p.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    if args.max_lr <= 0 or args.weight_decay < 0 or args.grad_clip < 0:
-        p.error("--max-lr must be positive, --weight-decay and --grad-clip not negative")
-    if args.val_size < 0 or args.subset < 0:
-        p.error("--val-size and --subset must not be negative")
-    if args.stop_after is not None and not 0 < args.stop_after:
-        p.error(f"--stop-after must be positive, got {args.stop_after}")
-    check_device(p, args.device)
     args.device = str(resolve_device(args.device))
     args.precision_asked = args.precision  # "auto" on a resume means: as the run started
     args.precision, args.precision_reason = choose_precision(args.device, args.precision)
-    if name:
-        check_outputs(name, args)
-    if args.resume:
-        keep_precision(load_checkpoint(args.resume)["config"], args)
-    return args
+    check_outputs(name, args)
+    args.resumed = load_checkpoint(args.resume) if args.resume else None
+    if args.resumed:
+        keep_precision(args.resumed["config"], args)
+    torch.manual_seed(args.seed)  # the weights' initialisation
+    git_commit()  # read now: the code that runs is the code at the start
+    if torch.device(args.device).type == "cuda":
+        torch.backends.cudnn.benchmark = True  # impl: every shape is fixed: pick the fastest kernels once
+    print(f"device: {device_name(torch.device(args.device))}, precision: {args.precision} "
+          f"({args.precision_reason})")
+    if args.dry_run:
+        print("dry run: a check that the code runs end to end (1 epoch of 128 images, 500 test "
+              "images), not a measurement: two steps at the peak learning rate can leave any "
+              "loss, even 20 or more, and chance accuracy (10%)")
+    return torch.device(args.device)
 
 
 def output_folder(out, resume, dry_run):
@@ -683,32 +756,6 @@ def check_outputs(name, args):
                         f"{Path(args.resume).parent}, or choose an --out without a {target.name}")
 
 
-DEVICES = ["auto", "cpu", "cuda", "mps"]
-
-
-def check_device(parser, name):
-    """--device cuda/mps where there is none: argparse's one-line error, before any work."""
-    if name == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA GPU is available here (use --device cpu or auto)")
-    if name == "mps" and not torch.backends.mps.is_available():
-        parser.error("--device mps: no Apple GPU is available here (use --device cpu or auto)")
-
-
-def setup(args):
-    """Seed the global RNG (weight initialisation), note the code's version, pick the device."""
-    torch.manual_seed(args.seed)
-    git_commit()
-    if torch.device(args.device).type == "cuda":
-        torch.backends.cudnn.benchmark = True  # every shape is fixed: pick the fastest kernels once
-    print(f"device: {device_name(torch.device(args.device))}, precision: {args.precision} "
-          f"({args.precision_reason})")
-    if args.dry_run:
-        print("dry run: a check that the code runs end to end (1 epoch of 128 images, 500 test "
-              "images), not a measurement: two steps at the peak learning rate can leave any "
-              "loss, even 20 or more, and chance accuracy (10%)")
-    return torch.device(args.device)
-
-
 def one_cycle(optimizer, max_lr, epochs, steps_per_epoch):
     """PyTorch's OneCycleLR with its defaults, as the report's logged learning rates show."""
     return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, epochs=epochs,
@@ -730,33 +777,39 @@ class NonFiniteLoss(Exception):
     pass
 
 
+def check_finite(losses, epoch):
+    """Stop the run at a NaN or infinite loss: every step after it would be NaN too."""
+    bad = ~torch.isfinite(losses)
+    if bad.any():
+        raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, batch {int(bad.nonzero()[0]) + 1}")
+
+
 class Progress:
     """`epoch 3: 120/704 batches, 2300 img/s, ETA 4:12`, rewritten in place where a person watches.
 
     That is a terminal, Colab's `!python` (a pseudo-terminal), or a notebook cell fed through
     a pipe with CIFAR10_PROGRESS=1 (colab.ipynb's run() sets it): notebooks, like terminals,
-    redraw a line that starts with "\r". Output redirected to a log file gets none of it.
-    `tick` also checks the losses so far for NaN/inf about once a second: checking every
-    step would make a GPU wait for each loss.
+    redraw a line that starts with "\\r". Output redirected to a log file gets none of it.
     """
 
-    def __init__(self, epoch, steps, batch_size, check):
-        self.epoch, self.steps, self.batch_size, self.check = epoch, steps, batch_size, check
+    def __init__(self, epoch, steps, batch_size):
+        self.epoch, self.steps, self.batch_size = epoch, steps, batch_size
         self.start = self.last = time.perf_counter()
         self.show = sys.stdout.isatty() or os.environ.get("CIFAR10_PROGRESS") == "1"
 
     def tick(self, done):
+        """Redraw the line if a second has passed since the last time; True when it did."""
         now = time.perf_counter()
         if now - self.last < 1.0:
-            return
+            return False
         self.last = now
-        self.check(done)
         if self.show:
             rate = done / (now - self.start)
             eta = int((self.steps - done) / rate)
             print(f"\r  epoch {self.epoch}: {done}/{self.steps} batches, "
                   f"{rate * self.batch_size:.0f} img/s, ETA {eta // 60}:{eta % 60:02d} ",
                   end="", flush=True)
+        return True
 
     def close(self):
         if self.show:
@@ -783,48 +836,84 @@ def train_step(model, optimizer, scheduler, scaler, inputs, targets, args):
     return logits, loss
 
 
-def train_epoch(model, optimizer, scheduler, images, labels, gen, epoch, args, scaler=None):
-    """One pass over the training images in a fresh random order; returns the epoch's row."""
-    if scaler is None:  # fit() passes the one it keeps for the whole run
-        scaler = grad_scaler(labels.device, args.precision)
-    model.train()
+def fit(name, model, optimizer, scheduler, data, args):
+    """The whole run. Each epoch: train (augment each batch, one step), validate on the held-out
+    images, print the report's log line, checkpoint. Then test once, on the clean test images,
+    and save. Returns the run's record (<name>.json), or None when --stop-after ended it early.
+    """
+    device = torch.device(args.device)
+    gen = torch.Generator(device).manual_seed(args.seed)  # epoch order and augmentation
+    scaler = grad_scaler(device, args.precision)
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "gen": gen}
+    history = restore(args.resumed, args.resume, name, parts, args) if args.resume else []
+    paths = output_paths(args.out, name)
+    check_outputs(name, args)  # setup did too, before any work; fit is the one that writes
+    # impl: fixed shapes: one graph each for the training batch, the epoch's smaller last batch
+    # and the evaluation batch, compiled once; dynamic shapes would recompile slower, general code.
+    forward = torch.compile(model, dynamic=False) if args.compile else model
     augment = AUGMENTATIONS[args.aug]
-    order = torch.randperm(len(labels), generator=gen, device=labels.device)
-    steps = steps_per_epoch(len(labels), args.batch_size)
-    loss_sums = torch.zeros(steps, device=labels.device)  # kept on the device: no sync per step
-    correct = torch.zeros((), dtype=torch.int64, device=labels.device)
+    train_x, train_y = data["train"]
+    steps = steps_per_epoch(len(train_y), args.batch_size)
+    first = len(history) + 1
+    last = args.epochs if args.stop_after is None else min(args.epochs, args.stop_after)
+    saved = (args.resume, first - 1)  # the checkpoint on disk, and the epoch it holds
+    try:
+        for epoch in range(first, last + 1):
+            start = time.perf_counter()
+            # train: every training image once, in a new random order, augmented on the device
+            forward.train()
+            order = torch.randperm(len(train_y), generator=gen, device=device)
+            loss_sums = torch.zeros(steps, device=device)  # impl: on the device, no GPU wait per step
+            correct = torch.zeros((), dtype=torch.int64, device=device)
+            progress = Progress(epoch, steps, args.batch_size)
+            for step in range(steps):
+                batch = order[step * args.batch_size:(step + 1) * args.batch_size]
+                inputs, targets = to_layout(augment(train_x[batch], gen), args.precision), train_y[batch]
+                last_lr = optimizer.param_groups[0]["lr"]  # the rate this batch uses: the report's last_lr
+                logits, loss = train_step(forward, optimizer, scheduler, scaler, inputs, targets, args)
+                loss_sums[step] = loss.detach().float() * len(batch)
+                correct += (logits.argmax(dim=1) == targets).sum()
+                if progress.tick(step + 1):  # impl: once a second; every step would stall a GPU
+                    check_finite(loss_sums[:step + 1], epoch)
+            progress.close()
+            check_finite(loss_sums, epoch)
+            row = {"epoch": epoch, "last_lr": last_lr, "train_loss": loss_sums.sum().item() / len(train_y),
+                   "train_accuracy": correct.item() / len(train_y)}
+            # validate: the held-out images, clean (the report had none)
+            row["val_loss"], row["val_accuracy"] = validate(forward, *data["val"], args.precision)
+            row["seconds"] = time.perf_counter() - start
+            history.append(row)
+            # print and checkpoint
+            print(format_row(row, args.epochs), flush=True)
+            if epoch == first and last > epoch:
+                print(time_left(row["seconds"], epoch, last), flush=True)
+            with ctrl_c_deferred():  # a Ctrl-C now lands after the files are written
+                save_checkpoint(checkpoint(name, parts, args, history), paths["checkpoint"])
+                saved = (paths["checkpoint"], epoch)
+                write_json(paths["json"], summary(name, model, args, history))
+        if last < args.epochs:
+            print(f"stopped after epoch {last} of {args.epochs}; {next_step(saved, args)}")
+            return None
+        # test: once, at the end, on the whole clean test set
+        test_x, test_y = data["test"]
+        test_accuracy = loss_and_accuracy(predict(forward, test_x, precision=args.precision), test_y)[1]
+        record = summary(name, model, args, history, test_accuracy)
+        save_checkpoint(checkpoint(name, parts, args, history, test_accuracy), paths["checkpoint"])
+        write_json(paths["json"], record)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; {next_step(saved, args)}", file=sys.stderr)
+        sys.exit(130)
+    except NonFiniteLoss as error:  # resuming would replay the same steps into the same NaN
+        raise UserError(f"{error}; {on_disk(saved)}; start a new run with a lower --max-lr") from None
+    print_end(record, paths, len(test_y))
+    return record
 
-    def check(done):
-        bad = ~torch.isfinite(loss_sums[:done])
-        if bad.any():
-            raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, batch {int(bad.nonzero()[0]) + 1}")
 
-    progress = Progress(epoch, steps, args.batch_size, check)
-    for step in range(steps):
-        batch = order[step * args.batch_size:(step + 1) * args.batch_size]
-        inputs, targets = to_layout(augment(images[batch], gen), args.precision), labels[batch]
-        last_lr = optimizer.param_groups[0]["lr"]  # the rate this batch uses: the report's last_lr
-        logits, loss = train_step(model, optimizer, scheduler, scaler, inputs, targets, args)
-        loss_sums[step] = loss.detach().float() * len(batch)
-        correct += (logits.argmax(dim=1) == targets).sum()
-        progress.tick(step + 1)
-    progress.close()
-    check(steps)
-    return {"epoch": epoch, "last_lr": last_lr, "train_loss": loss_sums.sum().item() / len(labels),
-            "train_accuracy": correct.item() / len(labels)}
-
-
-def run_epoch(model, optimizer, scheduler, scaler, data, gen, epoch, args):
-    """Train one epoch, then measure the held-out split; returns the epoch's history row."""
-    start = time.perf_counter()
-    row = train_epoch(model, optimizer, scheduler, *data["train"], gen, epoch, args, scaler)
-    val_x, val_y = data["val"]
-    row["val_loss"] = row["val_accuracy"] = None
-    if len(val_y):
-        logits = predict(model, val_x, precision=args.precision)
-        row["val_loss"], row["val_accuracy"] = loss_and_accuracy(logits, val_y)
-    row["seconds"] = time.perf_counter() - start
-    return row
+def validate(model, images, labels, precision):
+    """(loss, accuracy) on the held-out images; (None, None) when none are held out."""
+    if not len(labels):
+        return None, None
+    return loss_and_accuracy(predict(model, images, precision=precision), labels)
 
 
 def format_row(row, epochs):
@@ -837,65 +926,14 @@ def format_row(row, epochs):
             f"train_accuracy: {100 * row['train_accuracy']:.1f}%, {row['seconds']:.1f} s")
 
 
-def fit(name, model, optimizer, scheduler, data, args):
-    """The whole run: epochs, a checkpoint after each, then the clean test accuracy.
-
-    Returns the run's summary (what goes in <name>.json), or None when --stop-after ended it.
-    """
-    device = torch.device(args.device)
-    gen = torch.Generator(device).manual_seed(args.seed)  # epoch order and augmentation
-    paths = output_paths(args.out, name)
-    check_outputs(name, args)  # parse_args did too, before any work; fit is the one that writes
-    resumed = load_checkpoint(args.resume) if args.resume else None
-    scaler = grad_scaler(device, args.precision)
-    first, history = 1, []
-    if resumed:
-        first, history = restore(resumed, args.resume, name, model, optimizer, scheduler, scaler, gen, args)
-        print(f"resumed {args.resume} after epoch {first - 1}")
-        if args.stop_after is not None and args.stop_after < first:
-            raise UserError(f"--stop-after {args.stop_after}: {args.resume} already holds epoch {first - 1}")
-    # Fixed shapes: one graph each for the training batch, the epoch's smaller last batch and
-    # the evaluation batch, compiled once; dynamic shapes would recompile slower, general code.
-    forward = torch.compile(model, dynamic=False) if args.compile else model
-    last = args.epochs if args.stop_after is None else min(args.epochs, args.stop_after)
-    saved = (args.resume, first - 1) if args.resume else (None, 0)  # the checkpoint on disk
-    try:
-        for epoch in range(first, last + 1):
-            history.append(run_epoch(forward, optimizer, scheduler, scaler, data, gen, epoch, args))
-            print(format_row(history[-1], args.epochs), flush=True)
-            if epoch == first and last > epoch:
-                print(time_left(history[-1]["seconds"], epoch, last), flush=True)
-            with ctrl_c_deferred():  # a Ctrl-C now lands after the files are written
-                save_checkpoint(checkpoint(name, model, optimizer, scheduler, scaler, gen, args, history),
-                                paths["checkpoint"])
-                saved = (paths["checkpoint"], epoch)
-                write_json(paths["json"], summary(name, model, args, history))
-        if last < args.epochs:
-            print(f"stopped after epoch {last} of {args.epochs}; {next_step(saved, args)}")
-            return None
-        return finish(name, model, forward, optimizer, scheduler, scaler, gen, data, args, history, paths)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; {next_step(saved, args)}", file=sys.stderr)
-        sys.exit(130)
-    except NonFiniteLoss as error:  # resuming would replay the same steps into the same NaN
-        raise UserError(f"{error}; {on_disk(saved)}; start a new run with a lower --max-lr") from None
-
-
-def finish(name, model, forward, optimizer, scheduler, scaler, gen, data, args, history, paths):
-    """Clean test accuracy on the whole test set, then the final checkpoint, JSON and curves."""
-    test_x, test_y = data["test"]
-    test_accuracy = loss_and_accuracy(predict(forward, test_x, precision=args.precision), test_y)[1]
-    state = checkpoint(name, model, optimizer, scheduler, scaler, gen, args, history, test_accuracy)
-    save_checkpoint(state, paths["checkpoint"])
-    result = summary(name, model, args, history, test_accuracy)
-    write_json(paths["json"], result)
-    print(f"test accuracy (clean, {len(test_y):,} images): {100 * test_accuracy:.2f}%  "
-          f"train time: {result['train_seconds']:.0f} s")
-    plotted = plot_curves(history, paths["curves"], name)
+def print_end(record, paths, test_images):
+    """The test accuracy, the curves, what was saved and what to run next."""
+    print(f"test accuracy (clean, {test_images:,} images): {100 * record['test_accuracy']:.2f}%  "
+          f"train time: {record['train_seconds']:.0f} s")
+    plotted = plot_curves(record["history"], paths["curves"], record["model"])
     print(f"saved {paths['checkpoint']}, {paths['json']}" + (f", {paths['curves']}" if plotted else ""))
     print(f"next: python evaluate.py {shlex.quote(str(paths['checkpoint']))} --tta  "
           f"(the report's protocol too: 100 passes; --repeats 10 on a CPU)")
-    return result
 
 
 def time_left(seconds, epoch, last):
@@ -921,8 +959,6 @@ def next_step(saved, args):
     path, epoch = saved
     if not epoch:
         return on_disk(saved)
-    if epoch == args.epochs:
-        return f"{path} holds all {epoch} epochs; evaluate it with: python evaluate.py {path}"
     argv, skip = [], False
     for arg in args.argv:  # drop an earlier --resume/--stop-after and their values
         if skip or arg.split("=")[0] in ("--resume", "--stop-after"):
@@ -947,7 +983,7 @@ def summary(name, model, args, history, test_accuracy=None):
 
 def config_of(args):
     config = {key: value for key, value in vars(args).items()
-              if key not in ("argv", "prog", "precision_reason", "precision_asked")}
+              if key not in ("argv", "prog", "precision_reason", "precision_asked", "resumed")}
     config["data_dir"] = str(Path(args.data_dir).resolve())  # so evaluate.py finds it from anywhere
     return config
 
@@ -1018,16 +1054,18 @@ PROGRAM = "cifar10-report"  # marks checkpoints written by this project's traini
 ZIP_MAGIC = b"PK\x03\x04"  # the first bytes of every file torch.save writes
 
 
-def checkpoint(name, model, optimizer, scheduler, scaler, gen, args, history, test_accuracy=None):
-    """Everything a resumed run needs, in types that torch.load(weights_only=True) accepts."""
+def checkpoint(name, parts, args, history, test_accuracy=None):
+    """Everything a resumed run needs, in types that torch.load(weights_only=True) accepts.
+    `parts`: the run's model, optimizer, scheduler, gradient scaler and generator (gen)."""
     # Training draws from `gen`; the global CUDA generator is saved for whatever else might.
     cuda_states = [torch.cuda.get_rng_state()] if args.device == "cuda" else []
+    scaler = parts["scaler"]
     return {
-        "program": PROGRAM, "model_name": name, "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "program": PROGRAM, "model_name": name, "model": parts["model"].state_dict(),
+        "optimizer": parts["optimizer"].state_dict(), "scheduler": parts["scheduler"].state_dict(),
         "scaler": scaler.state_dict() if scaler.is_enabled() else None,
         "epoch": history[-1]["epoch"], "history": history, "config": config_of(args),
-        "rng": {"torch": torch.get_rng_state(), "cuda": cuda_states, "data": gen.get_state()},
+        "rng": {"torch": torch.get_rng_state(), "cuda": cuda_states, "data": parts["gen"].get_state()},
         "test_accuracy": test_accuracy,
     }
 
@@ -1046,7 +1084,7 @@ def save_atomic(path, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes it private; give it a normal file's mode
+        os.chmod(tmp, 0o666 & ~UMASK)  # impl: mkstemp makes it private; give it a normal file's mode
         os.replace(tmp, path)
     except BaseException as error:
         if tmp:
@@ -1140,8 +1178,16 @@ def keep_precision(config, args):
         args.precision, args.precision_reason = saved, f"as the run started; auto would pick {args.precision} here"
 
 
-def restore(state, path, name, model, optimizer, scheduler, scaler, gen, args):
-    """Load a checkpoint's state into the run's objects; returns (next epoch, history so far)."""
+def is_finished(state):
+    """A run is finished once its test is recorded: that comes after its last epoch."""
+    return state.get("test_accuracy") is not None
+
+
+def restore(state, path, name, parts, args):
+    """Load a checkpoint's state into the run's parts (see checkpoint); returns its history.
+
+    A run whose last epoch was saved but whose test never ran (a run cut in its last minute)
+    resumes too: with nothing left to train, it goes straight to the test."""
     if state["model_name"] != name:
         raise UserError(f"{path} is a checkpoint of {state['model_name']}, not {name}: "
                         f"resume it with its own script")
@@ -1151,22 +1197,27 @@ def restore(state, path, name, model, optimizer, scheduler, scaler, gen, args):
             flag = "--" + key.replace("_", "-")
             raise UserError(f"{path} was made with {flag} {saved}, this run has {flag} {now}: "
                             f"resume with the checkpoint's settings")
-    if state["epoch"] >= args.epochs:
+    if is_finished(state):
         raise UserError(f"{path} already finished all {args.epochs} epochs; "
                         f"evaluate it with: python evaluate.py {path}")
+    if args.stop_after is not None and args.stop_after <= state["epoch"] < args.epochs:
+        raise UserError(f"--stop-after {args.stop_after}: {path} already holds epoch {state['epoch']}")
+    model, scaler = parts["model"], parts["scaler"]
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as error:
         raise UserError(f"{path}: its weights do not fit {name} ({str(error).splitlines()[0][:100]})") from None
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    parts["optimizer"].load_state_dict(state["optimizer"])
+    parts["scheduler"].load_state_dict(state["scheduler"])
     if scaler.is_enabled():
         scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"]["torch"])
     if state["rng"]["cuda"]:
         torch.cuda.set_rng_state(state["rng"]["cuda"][0])
-    gen.set_state(state["rng"]["data"])
-    return state["epoch"] + 1, state["history"]
+    parts["gen"].set_state(state["rng"]["data"])
+    left = "its test" if state["epoch"] >= args.epochs else f"epochs {state['epoch'] + 1}-{args.epochs}"
+    print(f"resumed {path} after epoch {state['epoch']}; left to do: {left}")
+    return state["history"]
 
 
 # ----------------------------------------------------------------------------- evaluation

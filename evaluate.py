@@ -61,7 +61,8 @@ def parse_args(argv=None):
                         "--seed only) for mean ± std over them")
     p.add_argument("--data-dir", help="folder holding cifar-10-batches-py (default: the folder each "
                                       "checkpoint trained on, when it still holds it; else data)")
-    p.add_argument("--device", choices=common.DEVICES, default="auto", help="default: auto")
+    p.add_argument("--device", type=common.available_device, choices=common.DEVICES, default="auto",
+                   help="default: auto")
     p.add_argument("--precision", choices=common.PRECISIONS,
                    help="arithmetic (default: each checkpoint's own, so the clean accuracy equals its "
                         "training run's; auto on another kind of device than it trained on)")
@@ -76,7 +77,7 @@ def parse_args(argv=None):
     p.add_argument("--tta", action="store_true", help="also measure test-time augmentation (flips)")
     p.add_argument("--ablation", action="store_true",
                    help="the test set through each step of the report's pipeline alone, and through "
-                        "the pipeline without each (crop, rotate, flip, colour, erase; Normalize "
+                        "the pipeline without each (crop, rotate, flip, color, erase; Normalize "
                         "always), --repeats passes each: which step costs the model how much")
     p.add_argument("--against-report", action="store_true",
                    help="print the run's epoch log beside the report's, say which of the run's "
@@ -87,7 +88,6 @@ def parse_args(argv=None):
         p.error(f"--repeats must not be negative, got {args.repeats}")
     if args.ablation and not args.repeats:
         p.error("--ablation needs --repeats 1 or more (passes per pipeline)")
-    common.check_device(p, args.device)
     return args
 
 

@@ -38,9 +38,9 @@ class CNN(nn.Module):
 
 
 def main(argv=None):
-    # arguments, seed and device
-    args = common.parse_args(__doc__, argv, prog="train_cnn.py", name="cnn")
-    device = common.setup(args)
+    # the command line: the report's recipe unless a flag says otherwise
+    args = common.parse_args(__doc__, argv, prog="train_cnn.py")
+    device = common.setup(args, "cnn")  # output folder, device, precision, resume, seed
     # data: uint8 tensors on the training device for the whole run
     data, _ = common.load_data(args.data_dir, device, args.val_size, args.subset, args.dry_run)
     # model, and its layer table to hold against the report's
@@ -52,7 +52,7 @@ def main(argv=None):
     optimizer = torch.optim.Adam(model.parameters(), lr=args.max_lr, weight_decay=args.weight_decay)
     steps = common.steps_per_epoch(len(data["train"][1]), args.batch_size)
     scheduler = common.one_cycle(optimizer, args.max_lr, args.epochs, steps)
-    # the loop: train, validate, checkpoint each epoch; then test, report and save
+    # the run: each epoch train, validate, print, checkpoint; then test and save (common.fit)
     return common.fit("cnn", model, optimizer, scheduler, data, args)
 
 

@@ -426,13 +426,18 @@ def test_color_jitter_brightness_factor_is_uniform_in_0_8_to_1_2():
 
 
 def test_color_jitter_the_gpus_way_gives_the_cpus_images():
-    """On a GPU every image is computed and torch.where keeps the chosen; on a CPU only the
-    chosen are computed. Forced on this CPU, the GPU's way must give the same images."""
+    """On a GPU every image is jittered and torch.where keeps the chosen; on a CPU only the
+    chosen are jittered. Both ways, given the same draws, must give the same images."""
     images = torch.rand(256, 3, 32, 32, generator=gen(11))
-    gpu_way = common.color_jitter(images, gen(12), whole_batch=True)
-    cpu_way = common.color_jitter(images, gen(12), whole_batch=False)
+    chosen = torch.rand(256, generator=gen(12)) < common.JITTER_P
+    factors = 0.8 + 0.4 * torch.rand(4, 256, generator=gen(13))
+    gpu_way = common._jitter_all_keep_chosen(images, chosen, factors)
+    cpu_way = common._jitter_only_chosen(images, chosen, factors)
     assert not torch.equal(gpu_way, images)  # some images were changed
+    assert torch.equal(gpu_way[~chosen], images[~chosen])  # and only the chosen
     assert torch.allclose(gpu_way, cpu_way, atol=1e-6)
+    on_this_cpu = common.color_jitter(images, gen(12))  # the CPU's way, with its own draws
+    assert torch.equal(on_this_cpu[~chosen], images[~chosen])
 
 
 # ----------------------------------------------------------------------------- the ablation's steps
@@ -456,7 +461,7 @@ def test_each_report_step_alone_does_only_that():
     kept = torch.isclose(erased, clean, atol=1e-5)
     assert torch.equal(erased[~kept], torch.zeros_like(erased[~kept]))  # only boxes of 0 (mid-grey)
     assert binomial_ok(int((~kept).flatten(1).any(1).sum()), n, REPORT_ERASE_P)
-    coloured = common.augment_report(images, gen(4), steps=("colour",))
+    coloured = common.augment_report(images, gen(4), steps=("color",))
     changed = ~torch.isclose(coloured, clean, atol=1e-5).flatten(1).all(1)
     assert binomial_ok(int(changed.sum()), n, REPORT_JITTER_P)
     gx, gy, rms = plane_fit(common.augment_report(x_ramp(n), gen(5), steps=("rotate",)))

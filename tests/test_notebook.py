@@ -104,7 +104,7 @@ class Terminal(io.StringIO):
 def progress_then_epoch_line(stdout, monkeypatch):
     """What a script prints during an epoch of 10 batches, then its epoch line."""
     monkeypatch.setattr(sys, "stdout", stdout)
-    progress = common.Progress(epoch=1, steps=10, batch_size=64, check=lambda done: None)
+    progress = common.Progress(epoch=1, steps=10, batch_size=64)
     progress.start = progress.last = progress.start - 2  # started 2 s ago: the next tick draws
     progress.tick(5)
     progress.close()

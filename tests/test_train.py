@@ -55,19 +55,20 @@ def test_layer_table_leaves_batchnorm_statistics_alone():
     assert net.training
 
 
-def test_logged_learning_rates_equal_the_reports_column():
-    """782 steps an epoch (50,000 images, batch 64) through the real train_epoch: its last_lr
+def test_logged_learning_rates_equal_the_reports_column(tmp_path):
+    """782 steps an epoch (50,000 images, batch 64) through the real training loop: its last_lr
     column must be the report's, to 5 decimals. Batch 1 and a linear model keep it quick."""
-    torch.manual_seed(0)
+    args = common.parse_args("", ["--batch-size", "1", "--aug", "none", "--precision", "fp32",
+                                  "--device", "cpu", "--out", str(tmp_path)])
+    common.setup(args, "linear")
     model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10))
-    images = torch.randint(0, 256, (782, 3, 32, 32), dtype=torch.uint8)
-    labels = torch.randint(0, 10, (782,))
-    args = common.parse_args("", ["--batch-size", "1", "--aug", "none", "--precision", "fp32"])
+    images = torch.randint(0, 256, (800, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (800,))
+    data = {"train": (images[:782], labels[:782]), "val": (images[782:], labels[782:]),
+            "test": (images[782:], labels[782:])}
     optimizer = torch.optim.Adam(model.parameters(), lr=args.max_lr, weight_decay=args.weight_decay)
     scheduler = common.one_cycle(optimizer, args.max_lr, 20, common.steps_per_epoch(782, 1))
-    gen = torch.Generator().manual_seed(0)
-    logged = [common.train_epoch(model, optimizer, scheduler, images, labels, gen, epoch, args)["last_lr"]
-              for epoch in range(1, 21)]
+    logged = [row["last_lr"] for row in common.fit("linear", model, optimizer, scheduler, data, args)["history"]]
     assert [f"{lr:.5f}" for lr in logged] == [f"{lr:.5f}" for lr in REPORT_LR]
 
 
@@ -142,11 +143,15 @@ def test_val_size_zero_trains_on_everything(tiny_data_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--epochs", "0"], "--epochs must be positive"),
-    (["--batch-size", "-3"], "--batch-size must be positive"),
+    (["--epochs", "0"], "argument --epochs: must be positive, got 0"),
+    (["--epochs", "ten"], "argument --epochs: expected a number, got 'ten'"),
+    (["--batch-size", "-3"], "argument --batch-size: must be positive"),
+    (["--max-lr", "nan"], "argument --max-lr: must be positive"),
+    (["--weight-decay=-1e-4"], "argument --weight-decay: must be zero or more"),
+    (["--stop-after", "0"], "argument --stop-after: must be positive"),
     (["--device", "tpu"], "invalid choice"),
     (["--aug", "heavy"], "invalid choice"),
-    (["--val-size", "-1"], "must not be negative"),
+    (["--val-size", "-1"], "argument --val-size: must be zero or more"),
 ])
 def test_cli_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
