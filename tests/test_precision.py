@@ -19,10 +19,37 @@ def test_cpu_bf16_unit_reads_the_capabilities(monkeypatch, capabilities, unit):
     assert common.cpu_bf16_unit() == unit
 
 
-def test_a_torch_without_the_capability_probe_means_no_bf16(monkeypatch):
+@pytest.mark.parametrize("flags, unit", [
+    ("fpu sse avx512f avx512_bf16 amx_bf16 amx_tile", "AMX"),
+    ("fpu sse avx512f avx512_bf16", "AVX512-BF16"),
+    ("fpu sse avx512f", None),
+])
+def test_a_torch_without_the_capability_probe_reads_linux_cpu_flags(monkeypatch, tmp_path, flags, unit):
+    """torch 2.6 has no torch.cpu.get_capabilities: the CPU's bfloat16 units are still found."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: {flags}\n\n"
+                       f"processor\t: 1\nmodel name\t: Test CPU\nflags\t\t: {flags}\n")
     monkeypatch.delattr(torch.cpu, "get_capabilities", raising=False)
+    monkeypatch.setattr(common, "CPUINFO", cpuinfo)
+    assert common.cpu_bf16_unit() == unit
+    assert common.choose_precision("cpu")[0] == ("bf16" if unit else "fp32")
+    assert "Test CPU" in common.device_name(torch.device("cpu"))
+
+
+def test_without_the_probe_or_linux_there_is_no_bf16(monkeypatch, tmp_path):
+    monkeypatch.delattr(torch.cpu, "get_capabilities", raising=False)
+    monkeypatch.setattr(common, "CPUINFO", tmp_path / "no-such-file")
     assert common.cpu_bf16_unit() is None
     assert common.choose_precision("cpu")[0] == "fp32"
+
+
+@pytest.mark.skipif(not hasattr(torch.cpu, "get_capabilities") or not common.CPUINFO.exists(),
+                    reason="needs a torch with the probe, on Linux")
+def test_linux_cpu_flags_agree_with_torchs_probe(monkeypatch):
+    """On this machine, both ways find the same bfloat16 unit (or none)."""
+    with_probe = common.cpu_bf16_unit()
+    monkeypatch.delattr(torch.cpu, "get_capabilities")
+    assert common.cpu_bf16_unit() == with_probe
 
 
 @pytest.mark.parametrize("unit, expected", [("AMX", "bf16"), ("AVX512-BF16", "bf16"), (None, "fp32")])
@@ -132,6 +159,7 @@ def fit_tiny(out, *extra):
     """common.fit, the training scripts' loop, on Tiny in fp16 with a gradient scaler."""
     args = common.parse_args("", ["--out", str(out), "--epochs", "2", "--device", "cpu",
                                   "--precision", "fp16", "--batch-size", "16", *extra])
+    common.setup(args, "tiny")
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (96, 3, 32, 32), dtype=torch.uint8, generator=gen)
