@@ -1,4 +1,5 @@
 """Long runs survive interruption: exact resume, atomic saves, Ctrl-C, NaN, mismatched checkpoints."""
+import json
 import os
 import shlex
 import signal
@@ -202,3 +203,48 @@ def test_stop_after_an_epoch_the_checkpoint_already_holds_is_refused(tiny_data_d
     with pytest.raises(common.UserError, match="--stop-after 1: .* already holds epoch 2"):
         train_cnn.main(run_args(tiny_data_dir, tmp_path, "--epochs", "3", "--stop-after", "1",
                                 "--resume", str(tmp_path / "cnn.pt")))
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL: nothing in the training loop catches it, so the files on disk stay
+    exactly as the moment it struck left them."""
+
+
+def test_a_run_cut_between_its_last_epoch_and_its_test_is_finished_by_resume(
+        tiny_data_dir, tmp_path, monkeypatch, capsys):
+    fp32 = ("--precision", "fp32")
+    straight = train_cnn.main(run_args(tiny_data_dir, tmp_path / "straight", *fp32))
+    save_checkpoint, saves = common.save_checkpoint, []
+
+    def killed(*args, **kwargs):
+        raise Killed
+
+    def killed_once_epoch_2_is_saved(state, path):
+        save_checkpoint(state, path)
+        saves.append(state["epoch"])
+        if state["epoch"] == 2:  # the last epoch's checkpoint and JSON are written; the test is next
+            monkeypatch.setattr(common, "predict", killed)
+
+    monkeypatch.setattr(common, "save_checkpoint", killed_once_epoch_2_is_saved)
+    with pytest.raises(Killed):
+        train_cnn.main(run_args(tiny_data_dir, tmp_path / "cut", *fp32))
+    monkeypatch.undo()
+    assert saves == [1, 2]
+    checkpoint = tmp_path / "cut" / "cnn.pt"
+    assert not common.is_finished(common.load_checkpoint(checkpoint))  # the notebook's rule too
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 2  # every epoch was saved...
+    assert json.loads((tmp_path / "cut" / "cnn.json").read_text())["test_accuracy"] is None  # ...not the test
+    capsys.readouterr()
+    resumed = train_cnn.main(run_args(tiny_data_dir, tmp_path / "cut", *fp32, "--resume", str(checkpoint)))
+    printed = capsys.readouterr().out
+    assert "left to do: its test" in printed and "Epoch:" not in printed  # no training
+    assert "test accuracy (clean" in printed and "next: python evaluate.py" in printed
+    on_disk = json.loads((tmp_path / "cut" / "cnn.json").read_text())
+    for record in (resumed, on_disk):
+        assert without_seconds(record["history"]) == without_seconds(straight["history"])
+        assert record["test_accuracy"] == straight["test_accuracy"]
+    assert torch.load(checkpoint, weights_only=True)["test_accuracy"] == straight["test_accuracy"]
+    assert common.is_finished(common.load_checkpoint(checkpoint))
+    # now finished: a second resume is refused, and points at evaluate.py
+    with pytest.raises(common.UserError, match="already finished all 2 epochs; evaluate it"):
+        train_cnn.main(run_args(tiny_data_dir, tmp_path / "cut", *fp32, "--resume", str(checkpoint)))
