@@ -24,6 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # evaluate.py's statistics and the report's numbers, written once
+import common  # noqa: E402
 import evaluate  # noqa: E402
 
 MODELS = {"cnn": "CNN", "resnet9": "ResNet9"}
@@ -72,14 +73,14 @@ def runs_of(records, model, aug):
 
 
 def measure(runs, key):
-    """A measure over the evaluated runs: the list of per-run values."""
-    values = []
-    for r in runs:
-        e = r["eval"]
-        if e is None:
-            continue
-        values.append(e["repeated"]["mean"] if key == "repeated" else e[key])
-    return values
+    """One measure of each run, as a list: the clean test accuracy and the held-out accuracy
+    after the last epoch from the training record (evaluate.py measures the same), the
+    report's protocol from the evaluation (runs not evaluated yet are left out)."""
+    if key == "test_accuracy":
+        return [r["run"]["test_accuracy"] for r in runs]
+    if key == "val_accuracy":
+        return [r["run"]["history"][-1]["val_accuracy"] for r in runs]
+    return [r["eval"]["repeated"]["mean"] for r in runs if r["eval"] is not None]
 
 
 def mean_std(values):
@@ -169,7 +170,22 @@ def runs_table(records, numbers):
                   "held-out val % (epoch 20)", "train time", "device", "precision", "commit"], rows)
 
 
-TABLES = {"answer": answer_table, "verdicts": verdict_table, "cost": cost_table, "runs": runs_table}
+def first_epoch(records, numbers):
+    """The CNN's first epoch line as train_cnn.py printed it, beside the report's first line."""
+    r = records.get(("cnn", "report", 0))
+    if r is None:
+        return "(the CNN's first epoch: not measured yet)\n"
+    row = r["run"]["history"][0]
+    numbers.pct(row["val_accuracy"], 1), numbers.pct(row["train_accuracy"], 1)
+    report = evaluate.read_report_log()["cnn"][0]
+    return ("```\n" + common.format_row(row, r["run"]["config"]["epochs"]) + "\n```\n"
+            f"(the CNN's first epoch, seed 0, on a shared 2-core CPU; the report's first line: "
+            f"train_loss {report['train_loss']:.4f}, val_loss {report['val_loss']:.4f}, "
+            f"val_acc {numbers.pct(report['val_acc'], 1)}%)\n")
+
+
+TABLES = {"answer": answer_table, "verdicts": verdict_table, "cost": cost_table, "runs": runs_table,
+          "first-epoch": first_epoch}
 
 
 # ----------------------------------------------------------------------------- the figures
