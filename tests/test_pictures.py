@@ -14,7 +14,7 @@ import show_augmentations
 import train_cnn
 from conftest import ROOT
 
-PICTURE = ROOT / "docs" / "augmentations.png"  # the README's
+PICTURE = ROOT / "docs" / "augmentations.png"  # shown in docs/decisions.md
 PICTURE_SIZE = (800, 570)  # figsize (8, 5.7) at 100 dpi
 
 
@@ -82,9 +82,9 @@ def test_without_matplotlib_the_picture_is_one_clear_error(monkeypatch, tmp_path
     assert not (tmp_path / "none").exists()
 
 
-def test_the_readme_picture_is_committed_small_and_regenerated_by_its_command():
+def test_the_augmentations_picture_is_committed_small_and_shown_with_its_command():
     assert PICTURE.stat().st_size < 300_000
     assert png_size(PICTURE) == PICTURE_SIZE
-    readme = (ROOT / "README.md").read_text()
-    assert "python show_augmentations.py --data-dir data --out docs/augmentations.png" in readme
-    assert "](docs/augmentations.png)" in readme
+    page = (ROOT / "docs" / "decisions.md").read_text()  # the page on the pipelines shows it
+    assert "python show_augmentations.py --data-dir data --out docs/augmentations.png" in page
+    assert "](augmentations.png)" in page
