@@ -343,11 +343,19 @@ def color_jitter(images, gen):
     Each is torchvision's blend with a reference image (black, mean grey, greyscale, blurred).
     The result is the same on every device; only the way to compute it differs (see below).
     """
-    n, device = len(images), images.device
+    return jitter_chosen(images, *sample_jitter(len(images), gen, images.device))
+
+
+def sample_jitter(n, gen, device):
+    """color_jitter's random draws: which images it changes, and each one's four factors."""
     chosen = torch.rand(n, generator=gen, device=device) < JITTER_P
     factors = _uniform(4 * n, 1 - JITTER, 1 + JITTER, gen, device).view(4, n)
-    jitter_chosen = _jitter_all_keep_chosen if images.is_cuda else _jitter_only_chosen
-    return jitter_chosen(images, chosen, factors)
+    return chosen, factors
+
+
+def jitter_chosen(images, chosen, factors):
+    way = _jitter_all_keep_chosen if images.is_cuda else _jitter_only_chosen
+    return way(images, chosen, factors)
 
 
 def _jitter_all_keep_chosen(images, chosen, factors):
@@ -373,11 +381,19 @@ def _jitter(images, brightness, contrast, saturation, sharpness):
 
 def erase(images, gen):
     """RandomErasing(p=ERASE_P, value=0): zero a box per chosen image, by a mask."""
-    n, _, size, _ = images.shape
-    device = images.device
+    return erase_boxes(images, *sample_erase(len(images), gen, images.device, images.shape[-1]))
+
+
+def sample_erase(n, gen, device, size=IMAGE_SIZE):
+    """erase's random draws: which images it blanks, and each one's box (top, left, h, w)."""
     chosen = torch.rand(n, generator=gen, device=device) < ERASE_P
-    top, left, h, w = (t.view(n, 1) for t in sample_erasures(n, gen, device, size))
-    pos = torch.arange(size, device=device).view(1, size)
+    return (chosen, *sample_erasures(n, gen, device, size))
+
+
+def erase_boxes(images, chosen, top, left, h, w):
+    n, _, size, _ = images.shape
+    top, left, h, w = (t.view(n, 1) for t in (top, left, h, w))
+    pos = torch.arange(size, device=images.device).view(1, size)
     rows = (pos >= top) & (pos < top + h) & chosen.view(n, 1)  # an image not chosen has no rows
     cols = (pos >= left) & (pos < left + w)
     return images.masked_fill(rows.view(n, 1, size, 1) & cols.view(n, 1, 1, size), 0.0)
@@ -404,13 +420,16 @@ def augment_report(images, gen, steps=REPORT_STEPS):
     Crop (scale 0.08-1) + rotation (+-20 deg) + flip (p=0.1) in one resampling, then with
     p=0.1 color jitter, then Normalize, then erasing (p=0.75) with value 0, which after
     normalisation is mid-grey, as in the report's order. `steps` leaves some out (evaluate.py
-    --ablation); Normalize is always done. Every geometric draw is made either way, so a step
-    left out changes nothing else.
+    --ablation); Normalize is always done. Every step's random numbers are drawn, in the same
+    order, whichever steps are on: a step left out changes nothing else, so each pipeline of
+    the ablation sees the very same crops, angles, flips, colours and boxes as the whole one.
     """
     n, device = len(images), images.device
     top, left, h, w = sample_crops(n, gen, device)
     degrees = _uniform(n, -MAX_ROTATION, MAX_ROTATION, gen, device)
     flip = torch.rand(n, generator=gen, device=device) < FLIP_P
+    jitter = sample_jitter(n, gen, device)
+    erasure = sample_erase(n, gen, device)
     if "crop" not in steps:  # the whole image as the box: no crop, no resize
         top, left = torch.zeros_like(top), torch.zeros_like(left)
         h, w = torch.full_like(h, IMAGE_SIZE), torch.full_like(w, IMAGE_SIZE)
@@ -420,9 +439,9 @@ def augment_report(images, gen, steps=REPORT_STEPS):
         flip = torch.zeros_like(flip)
     out = resample(to_float(images), top, left, h, w, degrees, flip)
     if "color" in steps:
-        out = color_jitter(out, gen)
+        out = jitter_chosen(out, *jitter)
     out = normalize(out)
-    return erase(out, gen) if "erase" in steps else out
+    return erase_boxes(out, *erasure) if "erase" in steps else out
 
 
 def augment_standard(images, gen):
