@@ -16,6 +16,7 @@ run works; those starting "impl:" explain an implementation choice (speed on a d
 files, a torch quirk) that a reader following the method can skip.
 """
 import argparse
+import copy
 import contextlib
 import functools
 import importlib
@@ -1258,14 +1259,38 @@ def loss_and_accuracy(logits, labels):
     return loss, (logits.argmax(dim=1) == labels).float().mean().item()
 
 
-def repeated_accuracies(model, images, labels, augment, repeats, seed=0, precision="fp32"):
+def repeated_accuracies(model, images, labels, augment, repeats, seed=0, precision="fp32",
+                        train_mode=False):
     """The report's test protocol: the test set through an augmentation, `repeats` times.
 
     A pass can only differ from the next if it is random, which a clean test pass is not.
+    train_mode: the passes of a test loop that forgot model.eval() (see predict_in_train_mode).
     """
     gen = torch.Generator(images.device).manual_seed(seed)
-    return [loss_and_accuracy(predict(model, images, augment, gen, precision), labels)[1]
+    one_pass = predict_in_train_mode if train_mode else predict
+    if train_mode:
+        model = copy.deepcopy(model)  # train mode updates BatchNorm's running statistics
+    return [loss_and_accuracy(one_pass(model, images, augment, gen, precision), labels)[1]
             for _ in range(repeats)]
+
+
+@torch.no_grad()
+def predict_in_train_mode(model, images, augment=augment_none, gen=None, precision="fp32",
+                          batch_size=REPORT_RECIPE["batch_size"]):
+    """Logits as a test loop without model.eval() gets them, in the images' own order.
+
+    In training mode BatchNorm normalises each batch by that batch's own statistics, so an
+    image's prediction depends on the images it is batched with; a shuffled loader batches
+    them anew on every pass. Here: batches of the report's 64, shuffled by `gen`."""
+    model.train()
+    order = torch.randperm(len(images), generator=gen, device=images.device)
+    logits = torch.empty(len(images), NUM_CLASSES, device=images.device)
+    for start in range(0, len(images), batch_size):
+        picked = order[start:start + batch_size]
+        batch = to_layout(augment(images[picked], gen), precision)
+        with autocast(images.device, precision):
+            logits[picked] = model(batch).float()
+    return logits
 
 
 def tta_accuracy(model, images, labels, precision="fp32"):

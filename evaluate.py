@@ -15,7 +15,9 @@ For each checkpoint it reports:
                   numbers" tests that reading). --repeat-aug picks the augmentation: report
                   (default) is the report's list, whatever the model was trained with;
                   train is the checkpoint's own --aug; none gives passes equal to the clean
-                  pass.
+                  pass. --train-mode runs the passes as a test loop that forgot
+                  model.eval() would: BatchNorm's statistics from each shuffled batch of 64,
+                  which makes passes differ even with --repeat-aug none.
   tta_accuracy    test-time augmentation (--tta): average each image's predicted
                   probabilities with its mirror image's, then decide.
   train_accuracy  clean accuracy on the images the model trained on: what the report's
@@ -73,6 +75,11 @@ def parse_args(argv=None):
                         "report's list, whatever the model was trained with (default); standard, "
                         "pad-crop-flip; none, so every pass equals the clean one; train, the "
                         "augmentation the checkpoint was trained with (its --aug)")
+    p.add_argument("--train-mode", action="store_true",
+                   help="run the repeated passes with the model in training mode, as a test loop "
+                        "that forgot model.eval() would: BatchNorm normalises each batch of 64 by "
+                        "its own statistics, and the test images are shuffled into new batches on "
+                        "every pass (the clean accuracy and the checkpoint are untouched)")
     p.add_argument("--seed", type=int, default=0, help="seed of the repeated passes (default: 0)")
     p.add_argument("--tta", action="store_true", help="also measure test-time augmentation (flips)")
     p.add_argument("--ablation", action="store_true",
@@ -88,6 +95,8 @@ def parse_args(argv=None):
         p.error(f"--repeats must not be negative, got {args.repeats}")
     if args.ablation and not args.repeats:
         p.error("--ablation needs --repeats 1 or more (passes per pipeline)")
+    if args.train_mode and not args.repeats:
+        p.error("--train-mode changes the repeated passes: it needs --repeats 1 or more")
     return args
 
 
@@ -141,10 +150,11 @@ def evaluate(path, args, device):
     }
     if args.repeats:
         aug = config["aug"] if args.repeat_aug == "train" else args.repeat_aug
-        print(f"{path}: the report's protocol, {args.repeats} passes of --aug {aug}: "
+        mode = ", the model in training mode" if args.train_mode else ""
+        print(f"{path}: the report's protocol, {args.repeats} passes of --aug {aug}{mode}: "
               f"about {args.repeats * one_pass:.0f} s here", flush=True)
         result["repeated"] = {**passes(model, test_x, test_y, common.AUGMENTATIONS[aug], args, precision),
-                              "aug": aug}
+                              "aug": aug, "train_mode": args.train_mode}
     if args.ablation:
         print(f"{path}: the ablation, {2 * len(common.REPORT_STEPS)} pipelines of {args.repeats} "
               f"passes: about {2 * len(common.REPORT_STEPS) * args.repeats * one_pass:.0f} s here", flush=True)
@@ -159,7 +169,8 @@ def evaluate(path, args, device):
 
 def passes(model, images, labels, augment, args, precision):
     """The report's protocol through `augment`: --repeats seeded passes, their mean and spread."""
-    accuracies = common.repeated_accuracies(model, images, labels, augment, args.repeats, args.seed, precision)
+    accuracies = common.repeated_accuracies(model, images, labels, augment, args.repeats, args.seed,
+                                            precision, args.train_mode)
     over = spread(accuracies)  # std over the passes: None for one pass
     return {"n": len(accuracies), "mean": over["mean"], "std": over["std"], "accuracies": accuracies}
 
@@ -167,9 +178,10 @@ def passes(model, images, labels, augment, args, precision):
 def ablation(model, images, labels, args, precision):
     """The report's pipeline taken apart: each step alone, and the pipeline without each.
 
-    Every pipeline starts from the same seed and augment_report draws every geometric parameter
-    whichever steps are on, so "crop only" and "without rotate" crop the same boxes: the
-    differences between pipelines are not blurred by new random draws."""
+    Every pipeline starts from the same seed and augment_report draws every random number
+    whichever steps are on, so "crop only" and "without rotate" crop the same boxes and
+    "erase only" blanks the boxes of the whole pipeline: the pipelines differ by their steps,
+    not by new random draws."""
     steps = common.REPORT_STEPS
     result = {"only": {}, "without": {}}
     for step in steps:
@@ -267,7 +279,8 @@ def format_result(r):
         rep = r["repeated"]
         rows.append((f"report protocol ({rep['n']} passes)",
                      pct(rep["mean"]) + (f" ± {100 * rep['std']:.2f}" if rep["std"] is not None else ""),
-                     f"test images through --aug {rep['aug']}"))
+                     f"test images through --aug {rep['aug']}"
+                     + (", in training mode" if rep.get("train_mode") else "")))
     if r["tta_accuracy"] is not None:
         rows.append(("TTA (image + mirror)", pct(r["tta_accuracy"]), "averaged probabilities"))
     rows.append(("train accuracy (clean)", pct(r["train_accuracy"]), 'what the report\'s "val_accuracy" behaves like'))
@@ -407,6 +420,7 @@ def summarise(groups, results):
             models[name][measure] = spread(values)
         if models[name]["repeated"]:
             models[name]["repeated"]["aug"] = runs[0]["repeated"]["aug"]
+            models[name]["repeated"]["train_mode"] = runs[0]["repeated"]["train_mode"]
     return models
 
 

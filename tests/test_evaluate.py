@@ -1,6 +1,7 @@
 """evaluate.py: clean accuracy, the report's repeated passes, TTA, the comparison, bad checkpoints,
 the report's logs beside a run's, several seeds of each model."""
 import contextlib
+import copy
 import io
 import json
 import math
@@ -600,3 +601,54 @@ def test_ablation_takes_the_reports_pipeline_apart():
     assert 0.85 < flipped < 1.0  # p = 0.1: about one image in ten is mirrored
     with pytest.raises(SystemExit):
         evaluate.parse_args(["x.pt", "--ablation", "--repeats", "0"])
+
+
+# ----------------------------------------------------------------------------- a loop without model.eval()
+
+def test_train_mode_passes_are_a_test_loop_that_forgot_eval(runs):
+    """--train-mode: each pass shuffles the test images into batches of 64 and runs them with
+    BatchNorm in training mode; the clean accuracy and the checkpoint are untouched."""
+    ckpt = runs["dir"] / "cnn.pt"
+    before = ckpt.read_bytes()
+    result = evaluate.main(evaluate_args(runs, str(ckpt), "--repeats", "3", "--repeat-aug", "none",
+                                         "--train-mode"))
+    assert ckpt.read_bytes() == before
+    assert result["test_accuracy"] == runs["cnn"]["test_accuracy"]
+    assert result["repeated"]["train_mode"] is True and result["repeated"]["n"] == 3
+    state = common.load_checkpoint(ckpt)  # by hand: shuffle, batches of 64, batch statistics
+    model = evaluate.build_model(state, ckpt).train()
+    test_x, test_y = common.load_data(runs["data"], "cpu", 100)[0]["test"]
+    gen = torch.Generator().manual_seed(0)
+    by_hand = []
+    for _ in range(3):
+        order, correct = torch.randperm(len(test_x), generator=gen), 0
+        for batch in order.split(64):
+            with common.autocast("cpu", state["config"]["precision"]), torch.no_grad():
+                correct += (model(common.augment_none(test_x[batch])).argmax(1) == test_y[batch]).sum().item()
+        by_hand.append(correct / len(test_x))
+    assert result["repeated"]["accuracies"] == pytest.approx(by_hand)  # float32 means
+    plain = evaluate.main(evaluate_args(runs, str(ckpt), "--repeats", "1", "--repeat-aug", "none"))
+    assert plain["repeated"]["train_mode"] is False
+
+
+def test_train_mode_predictions_change_with_the_batches_and_leave_the_model_alone(real_cnn_run, real_data_dir):
+    _, out = real_cnn_run
+    model = evaluate.build_model(common.load_checkpoint(out / "cnn.pt"), out / "cnn.pt")
+    _, _, test_x, test_y, _ = common.load_cifar10(real_data_dir)
+    test_x, test_y = test_x[:2000], test_y[:2000]
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    clean = common.predict(model, test_x).argmax(1)
+    gen = torch.Generator().manual_seed(0)
+    forgetful = copy.deepcopy(model)
+    first, second = (common.predict_in_train_mode(forgetful, test_x, gen=gen).argmax(1) for _ in range(2))
+    assert (first != second).float().mean() > 0.01  # no augmentation, yet the passes differ
+    assert (first != clean).float().mean() > 0.01
+    common.repeated_accuracies(model, test_x, test_y, common.augment_none, 2, train_mode=True)
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())  # running stats kept
+    assert torch.equal(common.predict(model, test_x).argmax(1), clean)
+
+
+def test_train_mode_needs_passes(capsys):
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["x.pt", "--repeats", "0", "--train-mode"])
+    assert "--train-mode changes the repeated passes: it needs --repeats 1 or more" in capsys.readouterr().err
