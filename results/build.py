@@ -6,6 +6,9 @@
 The records are the JSON files the scripts wrote, committed here:
   results/runs/<aug>-s<seed>/<model>.json   a training run (train_cnn.py / train_resnet.py)
   results/eval/<aug>-s<seed>-<model>.json   its evaluation: evaluate.py --tta --repeats 20 --against-report
+  results/eval/ablation/<aug>-s<seed>-<model>.json          evaluate.py --ablation --repeats 3
+  results/eval/train-mode/<aug>-s<seed>-<model>-<pipeline>.json
+                                            evaluate.py --train-mode --repeat-aug PIPELINE --repeats 5
 and report_log.csv, the report's own logs. results/README.md says which command made each.
 
 A table lives in a page between two markers, and only there:
@@ -66,6 +69,38 @@ def load_records(results):
         records[key] = {"run": run, "folder": path.parent.name,
                         "eval": json.loads(evaluation.read_text()) if evaluation.exists() else None}
     return records
+
+
+def load_extra_evaluations(results, kind):
+    """The ablation or train-mode evaluations: {(model, aug, seed, test pipeline): record}."""
+    found = {}
+    for path in sorted((results / "eval" / kind).glob("*.json")):
+        r = json.loads(path.read_text())
+        found[(r["model"], r["aug"], r["seed"], r["repeated"]["aug"])] = r
+    return found
+
+
+def test_pipelines(records, results):
+    """Every test pipeline measured on seed 0 of a model, by training recipe: the candidates
+    for the report's test numbers. {(aug, pipeline name): {model: accuracy}}."""
+    candidates = {}
+
+    def add(model, aug, name, accuracy):
+        candidates.setdefault((aug, name), {})[model] = accuracy
+
+    for (model, aug, seed), r in records.items():
+        if seed == 0 and r["eval"] is not None:
+            add(model, aug, "the report's pipeline", r["eval"]["repeated"]["mean"])
+    for (model, aug, seed, _), r in load_extra_evaluations(results, "ablation").items():
+        if seed == 0:
+            for step, m in r["ablation"]["only"].items():
+                add(model, aug, f"{step} alone", m["mean"])
+            for step, m in r["ablation"]["without"].items():
+                add(model, aug, f"all but {step}", m["mean"])
+    for (model, aug, seed, pipeline), r in load_extra_evaluations(results, "train-mode").items():
+        if seed == 0:
+            add(model, aug, f"train mode, --repeat-aug {pipeline}", r["repeated"]["mean"])
+    return candidates
 
 
 def runs_of(records, model, aug):
@@ -184,13 +219,61 @@ def first_epoch(records, numbers):
             f"val_acc {numbers.pct(report['val_acc'], 1)}%)\n")
 
 
+def ablation_table(records, numbers, results):
+    """Points each step of the report's pipeline costs, against the clean test accuracy."""
+    rows = []
+    for (model, aug, seed, _), r in sorted(load_extra_evaluations(results, "ablation").items()):
+        clean = r["test_accuracy"]
+        for step in r["ablation"]["only"]:
+            rows.append([MODELS[model], f"`--aug {aug}`, seed {seed}", step,
+                         numbers.points(100 * (clean - r["ablation"]["only"][step]["mean"])),
+                         numbers.points(100 * (clean - r["ablation"]["without"][step]["mean"]))])
+    if not rows:
+        return "(the ablation: not measured yet)\n"
+    return table(["model", "trained by", "step", "points lost, this step alone",
+                  "points lost, all steps but this one"], rows)
+
+
+def train_mode_table(records, numbers, results):
+    """The passes of a test loop that forgot model.eval(), beside the clean accuracy."""
+    rows = []
+    for (model, aug, seed, pipeline), r in sorted(load_extra_evaluations(results, "train-mode").items()):
+        rep = r["repeated"]
+        rows.append([MODELS[model], f"`--aug {aug}`, seed {seed}", f"`--repeat-aug {pipeline}`",
+                     f"{numbers.pct(rep['mean'])}% ± {numbers.points(100 * rep['std'])} ({rep['n']} passes)",
+                     f"{numbers.pct(r['test_accuracy'])}%"])
+    if not rows:
+        return "(the train-mode passes: not measured yet)\n"
+    return table(["model", "trained by", "test images through", "train-mode passes", "clean test"], rows)
+
+
+def fit_both_table(records, numbers, results):
+    """Every test pipeline with both models measured: how far it lands from both report numbers."""
+    rows = []
+    for (aug, name), by_model in sorted(test_pipelines(records, results).items()):
+        if len(by_model) < 2:
+            continue
+        cnn, resnet = 100 * by_model["cnn"], 100 * by_model["resnet9"]
+        rows.append([f"`--aug {aug}`", name, numbers.points(cnn), numbers.points(resnet),
+                     numbers.points(resnet - cnn),
+                     numbers.points(max(abs(cnn - evaluate.REPORT["cnn"]), abs(resnet - evaluate.REPORT["resnet9"])))])
+    gap = numbers.points(evaluate.REPORT["resnet9"] - evaluate.REPORT["cnn"])
+    if not rows:
+        return (f"(every test pipeline against both report numbers, a {gap}-point gap: not measured "
+                f"yet, it needs the seed-0 ResNet9 evaluations)\n")
+    return table(["trained by", "test pipeline", "CNN %", "ResNet9 %", f"gap (the report's: {gap})",
+                  "farther of the two from the report (points)"], rows)
+
+
 TABLES = {"answer": answer_table, "verdicts": verdict_table, "cost": cost_table, "runs": runs_table,
-          "first-epoch": first_epoch}
+          "first-epoch": first_epoch, "ablation": ablation_table, "train-mode": train_mode_table,
+          "fit-both": fit_both_table}
+NEEDS_RESULTS = {"ablation", "train-mode", "fit-both"}  # they read results/eval/ beyond the runs
 
 
 # ----------------------------------------------------------------------------- the figures
 
-def draw_answer(records, path):
+def draw_answer(records, path, results=None):
     """Figure (a): per model, one accuracy axis: the report's numbers beside ours, by recipe."""
     plt = pyplot()
     if plt is None:
@@ -224,7 +307,122 @@ def draw_answer(records, path):
     return True
 
 
-FIGURES = {"answer.png": draw_answer}
+def draw_logs(records, path, results):
+    """Figure (b): per model, the report's log beside our --aug report and --aug none runs."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    report_log = evaluate.read_report_log()
+    fig, axes = plt.subplots(2, 2, figsize=(16, 10))
+    for row, (model, label) in zip(axes, MODELS.items()):
+        loss, acc = row
+        theirs = report_log[model]
+        epochs = [r["epoch"] for r in theirs]
+        loss.plot(epochs, [r["train_loss"] for r in theirs], color="crimson", lw=3, label="the report: train_loss")
+        loss.plot(epochs, [r["val_loss"] for r in theirs], color="crimson", lw=3, ls=":", label="the report: val_loss")
+        acc.plot(epochs, [100 * r["val_acc"] for r in theirs], color="crimson", lw=3, label='the report: "val_acc"')
+        for aug, colour in (("report", "tab:blue"), ("none", "tab:green")):
+            r = records.get((model, aug, 0))
+            if r is None:
+                continue
+            h = r["run"]["history"]
+            x = [e["epoch"] for e in h]
+            loss.plot(x, [e["train_loss"] for e in h], color=colour, label=f"ours, --aug {aug}: training loss")
+            loss.plot(x, [e["val_loss"] for e in h], color=colour, ls=":", label=f"ours, --aug {aug}: held-out loss")
+            acc.plot(x, [100 * e["train_accuracy"] for e in h], color=colour,
+                     label=f"ours, --aug {aug}: training accuracy")
+            acc.plot(x, [100 * e["val_accuracy"] for e in h], color=colour, ls=":",
+                     label=f"ours, --aug {aug}: held-out accuracy")
+        loss.set_title(f"{label}: loss", fontsize=14)
+        acc.set_title(f"{label}: accuracy", fontsize=14)
+        loss.set_ylabel("cross-entropy loss", fontsize=12)
+        acc.set_ylabel("accuracy (%)", fontsize=12)
+        for ax in row:
+            ax.set_xlabel("epoch", fontsize=12)
+            ax.set_xticks(range(1, 21))
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=9)
+    fig.suptitle("The report's epoch log (thick) beside our seed-0 runs with and without its augmentation",
+                 fontsize=16)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def draw_ablation(records, path, results):
+    """Figure (c): points lost against the clean test, each step alone and all steps but it."""
+    plt = pyplot()
+    ablations = load_extra_evaluations(results, "ablation")
+    if plt is None:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(16, 6), sharey=True)
+    steps = list(common.REPORT_STEPS)
+    for ax, (model, label) in zip(axes, MODELS.items()):
+        for (m, aug, seed, _), r in sorted(ablations.items()):
+            if m != model or seed != 0:
+                continue
+            clean = r["test_accuracy"]
+            filled = aug != "none"
+            for kind, offset, marker in (("only", -0.12, "o"), ("without", 0.12, "s")):
+                lost = [100 * (clean - r["ablation"][kind][step]["mean"]) for step in steps]
+                ax.scatter([i + offset for i in range(len(steps))], lost, s=80, marker=marker,
+                           facecolors=("tab:blue" if kind == "only" else "tab:orange") if filled else "none",
+                           edgecolors="tab:blue" if kind == "only" else "tab:orange",
+                           label=f"{'this step alone' if kind == 'only' else 'all steps but this'}, "
+                                 f"trained --aug {aug}")
+        ax.set_xticks(range(len(steps)), steps, fontsize=12)
+        ax.set_xlabel("step of the report's pipeline", fontsize=12)
+        ax.set_title(label, fontsize=15)
+        ax.grid(axis="y", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:  # a model with no ablation record yet has none
+            ax.legend(fontsize=10)
+    axes[0].set_ylabel("points lost against the clean test accuracy", fontsize=12)
+    fig.suptitle("Which step of the report's test pipeline costs how much (filled: trained through it)"
+                 + ("" if ablations else ":\nnot measured yet"), fontsize=16)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def draw_fit_both(records, path, results):
+    """Figure (d): every test pipeline as a point (CNN, ResNet9), beside the report's star."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(10, 9))
+    report = (evaluate.REPORT["cnn"], evaluate.REPORT["resnet9"])
+    gap = report[1] - report[0]
+    points = [(aug, name, 100 * m["cnn"], 100 * m["resnet9"])
+              for (aug, name), m in sorted(test_pipelines(records, results).items()) if len(m) == 2]
+    for aug, filled in (("report", True), ("none", False)):
+        mine = [(x, y) for a, _, x, y in points if a == aug]
+        if mine:
+            ax.scatter(*zip(*mine), s=70, color="tab:blue", facecolors="tab:blue" if filled else "none",
+                       label=f"a test pipeline, models trained --aug {aug}")
+    ax.scatter(*report, marker="*", s=500, color="crimson", zorder=3, label="the report (44.53, 66.02)")
+    ax.plot([0, 100], [gap, 100 + gap], color="crimson", ls="--", lw=1,
+            label=f"the report's gap: ResNet9 = CNN + {gap:.2f} points")
+    ax.plot([0, 100], [0, 100], color="grey", lw=0.5, label="equal accuracy")
+    ax.set_xlim(10, 90)
+    ax.set_ylim(10, 90)
+    ax.set_xlabel("CNN accuracy through the test pipeline (%)", fontsize=13)
+    ax.set_ylabel("ResNet9 accuracy through the test pipeline (%)", fontsize=13)
+    title = "Every test pipeline against both report numbers (seed 0)"
+    if not points:
+        title += ":\nnot measured yet (needs the ResNet9 evaluations)"
+    ax.set_title(title, fontsize=15)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=11, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+FIGURES = {"answer.png": draw_answer, "logs.png": draw_logs, "ablation.png": draw_ablation,
+           "fit-both.png": draw_fit_both}
 
 
 def pyplot():
@@ -266,7 +464,8 @@ def main(argv=None, root=ROOT):
                    help="change nothing; exit 1 naming each stale table or unbuilt percentage")
     args = p.parse_args(argv)
     records, numbers = load_records(root / "results"), Numbers()
-    tables = {name: make(records, numbers) for name, make in TABLES.items()}
+    tables = {name: make(records, numbers, *([root / "results"] if name in NEEDS_RESULTS else []))
+              for name, make in TABLES.items()}
     problems = []
     for page in pages(root):
         text = page.read_text()
@@ -283,7 +482,7 @@ def main(argv=None, root=ROOT):
             problems.append(f"{page.relative_to(root)}: the prose quotes {stray}%, which no record gives")
     if not args.check:
         for name, draw in FIGURES.items():
-            if draw(records, root / "docs" / name):
+            if draw(records, root / "docs" / name, root / "results"):
                 print(f"drew docs/{name}")
     for problem in problems:
         print(problem, file=sys.stderr)

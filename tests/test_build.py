@@ -121,3 +121,48 @@ def test_a_marker_naming_no_table_is_refused(project):
     (project / "README.md").write_text("<!-- build: nonsense -->\n<!-- end build -->\n")
     with pytest.raises(SystemExit, match="nonsense"):
         build.main(["--check"], root=project)
+
+
+def write_extra(root, kind, model, aug, seed, test, pipeline, mean, ablation=None):
+    """An ablation or train-mode evaluation, as evaluate.py --out writes it."""
+    folder = root / "results" / "eval" / kind
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"model": model, "aug": aug, "seed": seed, "test_accuracy": test, "ablation": ablation,
+              "repeated": {"mean": mean, "std": 0.004, "n": 5, "aug": pipeline, "train_mode": kind == "train-mode"}}
+    name = f"{aug}-s{seed}-{model}" + (f"-{pipeline}" if kind == "train-mode" else "")
+    (folder / f"{name}.json").write_text(json.dumps(record))
+
+
+def test_every_test_pipeline_is_set_against_both_report_numbers(project):
+    """The fit-both table: a pipeline appears once both models are measured through it, with
+    the farther of its two distances to the report's 44.53% and 66.02%."""
+    page = project / "docs" / "how.md"
+    page.write_text("<!-- build: fit-both -->\n<!-- end build -->\n<!-- build: train-mode -->\n<!-- end build -->\n"
+                    "<!-- build: ablation -->\n<!-- end build -->\n")
+    build.main([], root=project)
+    assert "not measured yet" in page.read_text()
+    steps = {"only": {s: {"mean": 0.5, "std": 0.01} for s in ("crop", "rotate", "flip", "color", "erase")},
+             "without": {s: {"mean": 0.45, "std": 0.01} for s in ("crop", "rotate", "flip", "color", "erase")}}
+    write_extra(project, "ablation", "cnn", "report", 0, 0.6243, "report", 0.49, steps)
+    write_extra(project, "train-mode", "cnn", "report", 0, 0.6243, "none", 0.4453)
+    assert build.main(["--check"], root=project) == 1  # new records: the pages are stale
+    build.main([], root=project)
+    text = page.read_text()
+    assert "| CNN | `--aug report`, seed 0 | crop | 12.43 | 17.43 |" in text  # points lost
+    assert "44.53% ± 0.40 (5 passes)" in text
+    assert "train mode, --repeat-aug none" not in text  # the CNN alone: no fit-both row yet
+    write_extra(project, "train-mode", "resnet9", "report", 0, 0.7157, "none", 0.6702)
+    build.main([], root=project)
+    fit = page.read_text().split("<!-- build: fit-both -->")[1].split("<!-- end build -->")[0]
+    assert "| `--aug report` | train mode, --repeat-aug none | 44.53 | 67.02 | 22.49 | 1.00 |" in fit
+    assert build.main(["--check"], root=project) == 0
+
+
+def test_the_figures_are_drawn_from_the_records(project):
+    pytest.importorskip("matplotlib")
+    steps = {kind: {s: {"mean": 0.5, "std": 0.01} for s in ("crop", "rotate", "flip", "color", "erase")}
+             for kind in ("only", "without")}
+    write_extra(project, "ablation", "cnn", "report", 0, 0.6243, "report", 0.49, steps)
+    build.main([], root=project)
+    for name in ("answer.png", "logs.png", "ablation.png", "fit-both.png"):
+        assert (project / "docs" / name).read_bytes()[:4] == b"\x89PNG", name
