@@ -9,6 +9,7 @@ The records are the JSON files the scripts wrote, committed here:
   results/eval/ablation/<aug>-s<seed>-<model>.json          evaluate.py --ablation --repeats 3
   results/eval/train-mode/<aug>-s<seed>-<model>-<pipeline>.json
                                             evaluate.py --train-mode --repeat-aug PIPELINE --repeats 5
+  results/classroom/<aug>/cnn.json, <aug>-cnn-eval.json    docs/lesson.md's short runs
 and report_log.csv, the report's own logs. results/README.md says which command made each.
 
 A table lives in a page between two markers, and only there:
@@ -265,10 +266,42 @@ def fit_both_table(records, numbers, results):
                   "farther of the two from the report (points)"], rows)
 
 
+def classroom_table(records, numbers, results):
+    """docs/lesson.md's short CNN runs, that fit inside a class: what they measure, how long."""
+    rows = []
+    for path in sorted((results / "classroom").glob("*/cnn.json")):
+        run = json.loads(path.read_text())
+        evaluation = path.parent.with_name(f"{path.parent.name}-cnn-eval.json")
+        e = json.loads(evaluation.read_text()) if evaluation.exists() else None
+        last, config = run["history"][-1], run["config"]
+        rows.append([f"`python train_cnn.py --aug {config['aug']} --epochs {config['epochs']} "
+                     f"--subset {config['subset']}`", f"{run['train_seconds'] / 60:.0f} min",
+                     f"{numbers.pct(last['train_accuracy'], 1)}%", f"{numbers.pct(last['val_accuracy'], 1)}%",
+                     f"{numbers.pct(run['test_accuracy'])}%",
+                     f"{numbers.pct(e['repeated']['mean'])}% ({e['repeated']['n']} passes)" if e else "not measured yet",
+                     run["device"]])
+    if not rows:
+        return "(the classroom runs: not measured yet)\n"
+    return table(["command", "train time", "training accuracy (last epoch)", "held-out val",
+                  "clean test", "the report's protocol", "device"], rows)
+
+
+def test_error_table(records, numbers):
+    """The test set's own error: the standard error of an accuracy p on the 10,000 test images,
+    each one right or wrong (a binomial), and the 95% range a rerun on new images would give."""
+    n = 10_000
+    rows = []
+    for p in (0.5, 0.6, 0.7, 0.8, 0.9):
+        standard_error = (p * (1 - p) / n) ** 0.5
+        rows.append([f"{numbers.pct(p, 0)}%", numbers.points(100 * standard_error),
+                     f"± {numbers.points(100 * 1.96 * standard_error)}"])
+    return table(["accuracy", "standard error (points)", "95% range (points)"], rows)
+
+
 TABLES = {"answer": answer_table, "verdicts": verdict_table, "cost": cost_table, "runs": runs_table,
           "first-epoch": first_epoch, "ablation": ablation_table, "train-mode": train_mode_table,
-          "fit-both": fit_both_table}
-NEEDS_RESULTS = {"ablation", "train-mode", "fit-both"}  # they read results/eval/ beyond the runs
+          "fit-both": fit_both_table, "classroom": classroom_table, "test-error": test_error_table}
+NEEDS_RESULTS = {"ablation", "train-mode", "fit-both", "classroom"}  # they read results/eval/ beyond the runs
 
 
 # ----------------------------------------------------------------------------- the figures
