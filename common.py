@@ -739,6 +739,7 @@ def setup(args, name):
     check_outputs(name, args)
     args.resumed = load_checkpoint(args.resume) if args.resume else None
     if args.resumed:
+        take_saved_settings(args.resumed["config"], args)
         keep_precision(args.resumed["config"], args)
     torch.manual_seed(args.seed)  # the weights' initialisation
     git_commit()  # read now: the code that runs is the code at the start
@@ -1188,6 +1189,16 @@ def saved_setting(config, key):
     if key == "precision" and key not in config:
         return "bf16" if config.get("device") == "cuda" else "fp32"
     return config.get(key)
+
+
+def take_saved_settings(config, args):
+    """On a resume, a setting not given on the command line is the checkpoint's: `--resume
+    CHECKPOINT` alone continues the run as it started. One given that differs is refused
+    (restore). The device and the precision follow their own rules (auto, keep_precision)."""
+    given = {word.split("=")[0] for word in args.argv if word.startswith("--")}
+    for key in RUN_SETTINGS:
+        if key not in ("device", "precision", "dry_run") and "--" + key.replace("_", "-") not in given:
+            setattr(args, key, saved_setting(config, key))
 
 
 def keep_precision(config, args):

@@ -248,3 +248,17 @@ def test_a_run_cut_between_its_last_epoch_and_its_test_is_finished_by_resume(
     # now finished: a second resume is refused, and points at evaluate.py
     with pytest.raises(common.UserError, match="already finished all 2 epochs; evaluate it"):
         train_cnn.main(run_args(tiny_data_dir, tmp_path / "cut", *fp32, "--resume", str(checkpoint)))
+
+
+def test_resume_alone_continues_with_the_checkpoints_settings(tiny_data_dir, tmp_path):
+    """`--resume CHECKPOINT` needs no other flag: a run started with --aug none --seed 3 --epochs 3
+    continues as it started; a flag given that differs is still refused."""
+    train_cnn.main(run_args(tiny_data_dir, tmp_path, "--aug", "none", "--seed", "3", "--epochs", "3",
+                            "--stop-after", "1"))
+    checkpoint = str(tmp_path / "cnn.pt")
+    with pytest.raises(common.UserError, match="--seed 3, this run has --seed 4"):
+        train_cnn.main(["--data-dir", str(tiny_data_dir), "--device", "cpu", "--seed", "4", "--resume", checkpoint])
+    result = train_cnn.main(["--data-dir", str(tiny_data_dir), "--device", "cpu", "--resume", checkpoint])
+    assert len(result["history"]) == 3 and result["test_accuracy"] is not None
+    config = torch.load(checkpoint, weights_only=True)["config"]
+    assert (config["aug"], config["seed"], config["epochs"], config["val_size"]) == ("none", 3, 3, 100)
