@@ -6,6 +6,7 @@ without them they skip. NOTEBOOK_DRY_RUN=1 makes every training cell a --dry-run
 import io
 import json
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -27,17 +28,39 @@ def copy_of_project(folder):
     return folder
 
 
-def kernel_run(folder, data_dir, monkeypatch):
-    """A client that runs the folder's notebook in a fresh kernel, as a test run: call .execute()."""
+def kernel_run(folder, data_dir, monkeypatch, settings=None, only=None):
+    """A client that runs the notebook in a fresh kernel in `folder`, as a test run: call .execute().
+
+    settings: {NAME: value}, each `NAME = ...` line of the notebook's code set to it, as a student
+    edits the first cell; only: the ids of the cells to run, in the notebook's order (all: None).
+    """
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
     pytest.importorskip("matplotlib")  # the notebook shows pictures
     monkeypatch.setenv("NOTEBOOK_DRY_RUN", "1")  # the kernel inherits the environment
     monkeypatch.setenv("CIFAR10_DIR", str(data_dir))
-    notebook = nbformat.read(folder / "colab.ipynb", as_version=4)
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    for name, value in (settings or {}).items():
+        set_line(notebook, name, value)
+    if only is not None:
+        notebook.cells = [cell for cell in notebook.cells if cell.get("id") in only]
     return nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
                                    resources={"metadata": {"path": str(folder)}})
+
+
+def set_line(notebook, name, value):
+    """`NAME = value` instead of the notebook's `NAME = ...`: there must be exactly one such line."""
+    found = 0
+    for cell in notebook.cells:
+        if cell.cell_type != "code":
+            continue
+        lines = cell.source.split("\n")
+        for i, line in enumerate(lines):
+            if line.startswith(f"{name} = "):
+                lines[i], found = f"{name} = {value!r}", found + 1
+        cell.source = "\n".join(lines)
+    assert found == 1, f"{found} lines set {name} in the notebook"
 
 
 def cells(notebook):
@@ -58,6 +81,37 @@ def test_the_committed_notebook_is_clean_and_calls_the_scripts_through_run():
     assert not [line for line in lines if line.startswith("!")]
     for script in ("train_cnn.py", "train_resnet.py", "evaluate.py", "show_augmentations.py"):
         assert any(f'("{script}"' in line for line in lines), script
+
+
+def git(folder, *words):
+    subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *words],
+                   cwd=folder, check=True, capture_output=True)
+
+
+def test_the_setup_cell_stops_on_the_placeholder_and_clones_the_branch_it_names(tmp_path, monkeypatch):
+    setup = json.loads(NOTEBOOK.read_text())["cells"][2]
+    assert setup["id"] == "setup" and "REPO_URL" in setup["source"][0]  # its first line says so
+    content = tmp_path / "content"  # Colab's /content: the notebook alone, no scripts
+    content.mkdir()
+    client = kernel_run(content, tmp_path, monkeypatch, only=["setup"])
+    with pytest.raises(Exception, match="REPO_URL is still the placeholder: set it"):
+        client.execute()
+    assert not (content / "cifar10-report").exists()
+    # A repository whose branch "notebook" holds a file its default branch lacks.
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    (repo / "common.py").write_text("")
+    git(repo, "add", "common.py")
+    git(repo, "commit", "-q", "-m", "main")
+    git(repo, "checkout", "-q", "-b", "notebook")
+    (repo / "only_on_the_branch.txt").write_text("")
+    git(repo, "add", "only_on_the_branch.txt")
+    git(repo, "commit", "-q", "-m", "notebook")
+    git(repo, "checkout", "-q", "main")
+    settings = {"REPO_URL": repo.as_uri(), "BRANCH": "notebook"}  # file://: --depth 1 holds
+    kernel_run(content, tmp_path, monkeypatch, settings, only=["setup"]).execute()
+    assert (content / "cifar10-report" / "only_on_the_branch.txt").exists()
 
 
 def test_the_notebook_runs_top_to_bottom_and_a_rerun_trains_nothing(tiny_data_dir, tmp_path, monkeypatch):
