@@ -40,6 +40,7 @@ def kernel_run(folder, data_dir, monkeypatch, settings=None, only=None):
     pytest.importorskip("matplotlib")  # the notebook shows pictures
     monkeypatch.setenv("NOTEBOOK_DRY_RUN", "1")  # the kernel inherits the environment
     monkeypatch.setenv("CIFAR10_DIR", str(data_dir))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # a runtime without a GPU, on any machine
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     for name, value in (settings or {}).items():
         set_line(notebook, name, value)
@@ -61,6 +62,9 @@ def set_line(notebook, name, value):
                 lines[i], found = f"{name} = {value!r}", found + 1
         cell.source = "\n".join(lines)
     assert found == 1, f"{found} lines set {name} in the notebook"
+
+
+ON_A_CPU = {"GO_ON_WITHOUT_GPU": True}  # a dry run trains on the CPU: the first cell says go on
 
 
 def cells(notebook):
@@ -116,7 +120,7 @@ def test_the_setup_cell_stops_on_the_placeholder_and_clones_the_branch_it_names(
 
 def test_the_notebook_runs_top_to_bottom_and_a_rerun_trains_nothing(tiny_data_dir, tmp_path, monkeypatch):
     folder = copy_of_project(tmp_path)
-    notebook = kernel_run(folder, tiny_data_dir, monkeypatch).execute()
+    notebook = kernel_run(folder, tiny_data_dir, monkeypatch, ON_A_CPU).execute()
     for cell in cells(notebook).values():
         assert cell.execution_count is not None
         assert not [out for out in cell.outputs if out.output_type == "error"]
@@ -125,19 +129,34 @@ def test_the_notebook_runs_top_to_bottom_and_a_rerun_trains_nothing(tiny_data_di
              if "image/png" in out.get("data", {})]
     assert len(shown) == 7  # what the model sees, two curves, two beside the report's, two confusion matrices
     ran = cells(notebook)
+    # GO_ON_WITHOUT_GPU: no stop, and the estimate comes from steps timed on this machine
+    estimate = text(ran["device"])
+    assert "estimated from 1 training step of each model, timed here in " in estimate
+    assert "for the CNN and " in estimate and " epochs of both, about " in estimate
     assert "Epoch: 1/1" in text(ran["train-cnn"]) and "Epoch: 1/1" in text(ran["train-resnet"])
     assert "No verdict on the report's conclusion: dry runs check the code" in text(ran["evaluate"])
     assert "against the report's cnn log" in text(ran["evaluate"])  # --against-report
     # After a disconnection, Run all again: finished models are skipped, not trained over.
-    again = cells(kernel_run(folder, tiny_data_dir, monkeypatch).execute())
+    again = cells(kernel_run(folder, tiny_data_dir, monkeypatch, ON_A_CPU).execute())
     assert "nothing to train" in text(again["train-cnn"]) and "nothing to train" in text(again["train-resnet"])
     assert "No verdict on the report's conclusion" in text(again["evaluate"])
 
 
+def test_without_a_gpu_run_all_stops_before_any_work(tmp_path, monkeypatch):
+    folder = copy_of_project(tmp_path)
+    client = kernel_run(folder, tmp_path, monkeypatch, only=["setup", "device"])  # the first cell as committed
+    with pytest.raises(Exception, match="This runtime has no GPU: choose one in Runtime → Change runtime "
+                                        "type → GPU and Run all again, or set GO_ON_WITHOUT_GPU = True"):
+        client.execute()
+    assert "estimated from" not in text(cells(client.nb)["device"])  # stopped before timing anything
+
+
 def test_a_failing_script_fails_its_cell_and_stops_the_notebook(tiny_data_dir, tmp_path, monkeypatch):
     folder = copy_of_project(tmp_path)
-    (folder / "train_resnet.py").write_text('import sys\nsys.exit("train_resnet.py: error: broken on purpose")\n')
-    client = kernel_run(folder, tiny_data_dir, monkeypatch)
+    script = folder / "train_resnet.py"  # broken as a script; its model still imports (the estimate times it)
+    script.write_text('import sys\nif __name__ == "__main__":\n    sys.exit("train_resnet.py: error: broken on purpose")\n'
+                      + script.read_text())
+    client = kernel_run(folder, tiny_data_dir, monkeypatch, ON_A_CPU)
     with pytest.raises(Exception, match="train_resnet.py failed .exit code 1.") as failed:
         client.execute()
     assert type(failed.value).__name__ == "CellExecutionError"  # nbclient's: a cell raised
