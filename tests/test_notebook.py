@@ -23,6 +23,7 @@ OUTPUTS = ["augmentations.png", "cnn.pt", "cnn.json", "cnn_curves.png", "cnn_con
 def copy_of_project(folder):
     """The scripts, their data file and the notebook alone in a fresh folder, so the outputs land
     there, not in runs/ (evaluate.py --against-report reads report_log.csv beside it)."""
+    folder.mkdir(parents=True, exist_ok=True)
     for path in [*ROOT.glob("*.py"), ROOT / "report_log.csv", NOTEBOOK]:
         shutil.copy(path, folder)
     return folder
@@ -41,6 +42,7 @@ def kernel_run(folder, data_dir, monkeypatch, settings=None, only=None):
     monkeypatch.setenv("NOTEBOOK_DRY_RUN", "1")  # the kernel inherits the environment
     monkeypatch.setenv("CIFAR10_DIR", str(data_dir))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # a runtime without a GPU, on any machine
+    monkeypatch.setenv("PYTHONPATH", str(fake_colab(folder)))  # google.colab.drive, as on Colab
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     for name, value in (settings or {}).items():
         set_line(notebook, name, value)
@@ -48,6 +50,29 @@ def kernel_run(folder, data_dir, monkeypatch, settings=None, only=None):
         notebook.cells = [cell for cell in notebook.cells if cell.get("id") in only]
     return nbclient.NotebookClient(notebook, timeout=300, kernel_name="python3",
                                    resources={"metadata": {"path": str(folder)}})
+
+
+FAKE_DRIVE = """\
+from pathlib import Path
+
+
+def mount(mountpoint):
+    log = Path(__file__).parents[2] / "mounts.log"
+    with open(log, "a") as f:
+        f.write(mountpoint + "\\n")
+    if not Path(mountpoint).is_relative_to(log.parent):  # never outside the test's folder
+        raise RuntimeError("mounted outside the test's folder")
+    (Path(mountpoint) / "MyDrive").mkdir(parents=True, exist_ok=True)
+"""
+
+
+def fake_colab(folder):
+    """A google.colab whose drive.mount(mountpoint) is logged in fake-colab/mounts.log."""
+    package = folder / "fake-colab" / "google" / "colab"
+    package.mkdir(parents=True, exist_ok=True)
+    (package / "__init__.py").write_text("")
+    (package / "drive.py").write_text(FAKE_DRIVE)
+    return folder / "fake-colab"
 
 
 def set_line(notebook, name, value):
@@ -134,12 +159,40 @@ def test_the_notebook_runs_top_to_bottom_and_a_rerun_trains_nothing(tiny_data_di
     assert "estimated from 1 training step of each model, timed here in " in estimate
     assert "for the CNN and " in estimate and " epochs of both, about " in estimate
     assert "Epoch: 1/1" in text(ran["train-cnn"]) and "Epoch: 1/1" in text(ran["train-resnet"])
+    # USE_DRIVE as committed: no mount, and the outputs' fate said once
+    assert not (folder / "fake-colab" / "mounts.log").exists()
+    said = "".join(text(cell) for cell in ran.values())
+    assert said.count("the outputs go to runs/ on this runtime: it disappears when the runtime ends") == 1
     assert "No verdict on the report's conclusion: dry runs check the code" in text(ran["evaluate"])
     assert "against the report's cnn log" in text(ran["evaluate"])  # --against-report
     # After a disconnection, Run all again: finished models are skipped, not trained over.
     again = cells(kernel_run(folder, tiny_data_dir, monkeypatch, ON_A_CPU).execute())
     assert "nothing to train" in text(again["train-cnn"]) and "nothing to train" in text(again["train-resnet"])
     assert "No verdict on the report's conclusion" in text(again["evaluate"])
+
+
+def test_with_drive_the_outputs_and_the_cifar10_archive_are_kept_there(tmp_path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    folder = copy_of_project(tmp_path / "runtime-1")
+    (folder / "download.py").write_text(  # what the first script's download leaves in the data folder
+        "import sys\nfrom pathlib import Path\nPath(sys.argv[1]).parent.mkdir(parents=True)\n"
+        "Path(sys.argv[1]).write_bytes(b'the archive')\n")
+    settings = {**ON_A_CPU, "USE_DRIVE": True, "DRIVE_MOUNT": str(folder / "fake-colab" / "drive")}
+    opening = ["setup", "device", "outputs", "run-helper"]
+    client = kernel_run(folder, tmp_path / "data-1", monkeypatch, settings, only=opening)
+    client.nb.cells.append(nbformat.v4.new_code_cell('run("download.py", ARCHIVE)'))
+    ran = cells(client.execute())
+    drive = folder / "fake-colab" / "drive" / "MyDrive" / "cifar10-runs"
+    assert (folder / "fake-colab" / "mounts.log").read_text() == f"{folder / 'fake-colab' / 'drive'}\n"
+    assert f"outputs: {drive / 'dry-run'}" in text(ran["outputs"])
+    assert "disappears when the runtime ends" not in text(ran["outputs"])
+    assert (drive / "cifar-10-python.tar.gz").read_bytes() == b"the archive"  # copied after the download
+    # A new runtime, its local disk empty, the same Drive: the archive comes back before any script.
+    again = copy_of_project(tmp_path / "runtime-2")
+    shutil.copytree(folder / "fake-colab" / "drive", again / "fake-colab" / "drive")
+    settings["DRIVE_MOUNT"] = str(again / "fake-colab" / "drive")
+    kernel_run(again, tmp_path / "data-2", monkeypatch, settings, only=opening[:3]).execute()
+    assert (tmp_path / "data-2" / "cifar-10-python.tar.gz").read_bytes() == b"the archive"
 
 
 def test_without_a_gpu_run_all_stops_before_any_work(tmp_path, monkeypatch):
