@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -100,6 +101,10 @@ def text(cell):
     return "".join(out.get("text", "") for out in cell.outputs if out.output_type == "stream")
 
 
+def pictures(cell):
+    return sum("image/png" in out.get("data", {}) for out in cell.outputs)
+
+
 def test_the_committed_notebook_is_clean_and_calls_the_scripts_through_run():
     notebook = json.loads(NOTEBOOK.read_text())
     assert notebook["metadata"]["accelerator"] == "GPU"  # Colab opens a GPU runtime for it
@@ -150,10 +155,9 @@ def test_the_notebook_runs_top_to_bottom_and_a_rerun_trains_nothing(tiny_data_di
         assert cell.execution_count is not None
         assert not [out for out in cell.outputs if out.output_type == "error"]
     assert sorted(path.name for path in (folder / "runs" / "dry-run").iterdir()) == sorted(OUTPUTS)
-    shown = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.outputs
-             if "image/png" in out.get("data", {})]
-    assert len(shown) == 7  # what the model sees, two curves, two beside the report's, two confusion matrices
     ran = cells(notebook)
+    assert sum(map(pictures, ran.values())) == 7  # what the model sees, two curves, two beside the report's,
+    assert pictures(ran["plots"]) == 6  # two confusion matrices
     # GO_ON_WITHOUT_GPU: no stop, and the estimate comes from steps timed on this machine
     estimate = text(ran["device"])
     assert "estimated from 1 training step of each model, timed here in " in estimate
@@ -165,10 +169,28 @@ def test_the_notebook_runs_top_to_bottom_and_a_rerun_trains_nothing(tiny_data_di
     assert said.count("the outputs go to runs/ on this runtime: it disappears when the runtime ends") == 1
     assert "No verdict on the report's conclusion: dry runs check the code" in text(ran["evaluate"])
     assert "against the report's cnn log" in text(ran["evaluate"])  # --against-report
+    # A session cut after the last checkpoint, before the script drew the curves: the notebook draws
+    # them from the JSON; a JSON missing too is one sentence, not an error.
+    dry_run = Path("runs", "dry-run")  # as the notebook names it, in the folder
+    (folder / dry_run / "cnn_curves.png").unlink()
+    (folder / dry_run / "resnet9.json").unlink()
     # After a disconnection, Run all again: finished models are skipped, not trained over.
     again = cells(kernel_run(folder, tiny_data_dir, monkeypatch, ON_A_CPU).execute())
     assert "nothing to train" in text(again["train-cnn"]) and "nothing to train" in text(again["train-resnet"])
     assert "No verdict on the report's conclusion" in text(again["evaluate"])
+    assert text(again["plots"]) == f"no curves for the resnet9: {dry_run / 'resnet9.json'} is not there " \
+                                   "(a run writes it after its first epoch)\n"
+    assert pictures(again["plots"]) == 5  # the CNN's curves, from cnn.json; the four pictures evaluate.py drew
+    # Pictures the scripts did not draw: one sentence each, the others shown.
+    (folder / dry_run / "cnn_confusion.png").unlink()
+    (folder / dry_run / "resnet9_vs_report.png").unlink()
+    plots = cells(kernel_run(folder, tiny_data_dir, monkeypatch, ON_A_CPU,
+                             only=["setup", "device", "outputs", "run-helper", "plots"]).execute())["plots"]
+    assert text(plots).splitlines() == [
+        f"no curves for the resnet9: {dry_run / 'resnet9.json'} is not there (a run writes it after its first epoch)",
+        f"no resnet9 log beside the report's: {dry_run / 'resnet9_vs_report.png'} is not there",
+        f"no confusion matrix of the cnn: {dry_run / 'cnn_confusion.png'} is not there"]
+    assert pictures(plots) == 3
 
 
 def test_with_drive_the_outputs_and_the_cifar10_archive_are_kept_there(tmp_path, monkeypatch):
