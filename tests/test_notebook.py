@@ -156,12 +156,19 @@ def test_the_notebook_runs_top_to_bottom_and_a_rerun_trains_nothing(tiny_data_di
         assert not [out for out in cell.outputs if out.output_type == "error"]
     assert sorted(path.name for path in (folder / "runs" / "dry-run").iterdir()) == sorted(OUTPUTS)
     ran = cells(notebook)
-    assert sum(map(pictures, ran.values())) == 7  # what the model sees, two curves, two beside the report's,
-    assert pictures(ran["plots"]) == 6  # two confusion matrices
+    assert sum(map(pictures, ran.values())) == 8  # what the model sees, two curves, two beside the report's,
+    assert pictures(ran["plots"]) == 6  # two confusion matrices, and the curves without augmentation
+    # Without augmentation (TRY_NO_AUGMENTATION as committed): the CNN again, in its own folder.
+    no_aug = folder / "runs" / "no-augmentation" / "dry-run"
+    assert sorted(path.name for path in no_aug.iterdir()) == ["cnn.json", "cnn.pt", "cnn_curves.png"]
+    assert json.loads((no_aug / "cnn.json").read_text())["config"]["aug"] == "none"
+    assert "--aug none" in text(ran["train-no-aug"]) and "Epoch: 1/1" in text(ran["train-no-aug"])
+    assert pictures(ran["train-no-aug"]) == 1
     # GO_ON_WITHOUT_GPU: no stop, and the estimate comes from steps timed on this machine
     estimate = text(ran["device"])
     assert "estimated from 1 training step of each model, timed here in " in estimate
-    assert "for the CNN and " in estimate and " epochs of both, about " in estimate
+    assert "for the CNN and " in estimate
+    assert "20 epochs of both and 10 of the CNN without augmentation, about " in estimate
     assert "Epoch: 1/1" in text(ran["train-cnn"]) and "Epoch: 1/1" in text(ran["train-resnet"])
     # USE_DRIVE as committed: no mount, and the outputs' fate said once
     assert not (folder / "fake-colab" / "mounts.log").exists()
@@ -177,6 +184,7 @@ def test_the_notebook_runs_top_to_bottom_and_a_rerun_trains_nothing(tiny_data_di
     # After a disconnection, Run all again: finished models are skipped, not trained over.
     again = cells(kernel_run(folder, tiny_data_dir, monkeypatch, ON_A_CPU).execute())
     assert "nothing to train" in text(again["train-cnn"]) and "nothing to train" in text(again["train-resnet"])
+    assert "nothing to train" in text(again["train-no-aug"])
     assert "No verdict on the report's conclusion" in text(again["evaluate"])
     assert text(again["plots"]) == f"no curves for the resnet9: {dry_run / 'resnet9.json'} is not there " \
                                    "(a run writes it after its first epoch)\n"
@@ -184,10 +192,14 @@ def test_the_notebook_runs_top_to_bottom_and_a_rerun_trains_nothing(tiny_data_di
     # Pictures the scripts did not draw: one sentence each, the others shown.
     (folder / dry_run / "cnn_confusion.png").unlink()
     (folder / dry_run / "resnet9_vs_report.png").unlink()
-    plots = cells(kernel_run(folder, tiny_data_dir, monkeypatch, ON_A_CPU,
-                             only=["setup", "device", "outputs", "run-helper", "plots"]).execute())["plots"]
+    # And TRY_NO_AUGMENTATION = False skips that run.
+    ran = cells(kernel_run(folder, tiny_data_dir, monkeypatch, {**ON_A_CPU, "TRY_NO_AUGMENTATION": False},
+                           only=["setup", "device", "outputs", "run-helper", "plots", "train-no-aug"]).execute())
+    assert text(ran["train-no-aug"]) == "skipped: TRY_NO_AUGMENTATION = False in the first cell\n"
+    plots = ran["plots"]
     assert text(plots).splitlines() == [
-        f"no curves for the resnet9: {dry_run / 'resnet9.json'} is not there (a run writes it after its first epoch)",
+        f"no curves for the resnet9: {dry_run / 'resnet9.json'} is not there "
+        "(a run writes it after its first epoch)",
         f"no resnet9 log beside the report's: {dry_run / 'resnet9_vs_report.png'} is not there",
         f"no confusion matrix of the cnn: {dry_run / 'cnn_confusion.png'} is not there"]
     assert pictures(plots) == 3
@@ -229,8 +241,8 @@ def test_without_a_gpu_run_all_stops_before_any_work(tmp_path, monkeypatch):
 def test_a_failing_script_fails_its_cell_and_stops_the_notebook(tiny_data_dir, tmp_path, monkeypatch):
     folder = copy_of_project(tmp_path)
     script = folder / "train_resnet.py"  # broken as a script; its model still imports (the estimate times it)
-    script.write_text('import sys\nif __name__ == "__main__":\n    sys.exit("train_resnet.py: error: broken on purpose")\n'
-                      + script.read_text())
+    broken = 'if __name__ == "__main__":\n    import sys\n    sys.exit("train_resnet.py: error: broken on purpose")\n'
+    script.write_text(broken + script.read_text())
     client = kernel_run(folder, tiny_data_dir, monkeypatch, ON_A_CPU)
     with pytest.raises(Exception, match="train_resnet.py failed .exit code 1.") as failed:
         client.execute()
