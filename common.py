@@ -39,6 +39,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from report import UserError, format_row  # noqa: F401  (plain Python: results/build.py needs no torch)
+
 # The report's recipe, written once: the training scripts' defaults, the schedule evaluate.py
 # holds a run against before comparing it with the report's log, and bench.py's batch size.
 REPORT_RECIPE = {
@@ -62,10 +64,6 @@ CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"  # md5 of the official archive 
 TRAIN_FILES = [f"data_batch_{i}" for i in range(1, 6)]
 UMASK = os.umask(0o022)  # impl: reading the umask means setting it: read it once and put it back
 os.umask(UMASK)
-
-
-class UserError(Exception):
-    """A problem with the user's input: reported as one line, never a traceback."""
 
 
 def cli(main):
@@ -935,16 +933,6 @@ def validate(model, images, labels, precision):
     if not len(labels):
         return None, None
     return loss_and_accuracy(predict(model, images, precision=precision), labels)
-
-
-def format_row(row, epochs):
-    """The report's log line, then what it lacked: train accuracy and time."""
-    val = "val_loss: -, val_accuracy: -"  # --val-size 0: nothing is held out
-    if row["val_loss"] is not None:
-        val = f"val_loss: {row['val_loss']:.4f}, val_accuracy: {100 * row['val_accuracy']:.1f}%"
-    return (f"Epoch: {row['epoch']}/{epochs}, last_lr: {row['last_lr']:.5f}, "
-            f"train_loss: {row['train_loss']:.4f}, {val}, "
-            f"train_accuracy: {100 * row['train_accuracy']:.1f}%, {row['seconds']:.1f} s")
 
 
 def print_end(record, paths, test_images):

@@ -35,7 +35,6 @@ accuracies) when each model has two or more runs; with one run each, McNemar's t
 the images one model gets right and the other does not.
 """
 import argparse
-import csv
 import functools
 import math
 import statistics
@@ -45,9 +44,8 @@ from pathlib import Path
 import torch
 
 import common
+from report import REPORT, REPORT_LOG, read_report_log, spread, welch, t_two_sided_p, incomplete_beta  # noqa: F401
 
-REPORT = {"cnn": 44.53, "resnet9": 66.02}  # the report's test accuracies (mean of 100 runs)
-REPORT_LOG = Path(__file__).with_name("report_log.csv")  # the report's epoch logs, as printed in it
 # Each column of the report's log, and the run's columns it might be measuring.
 REPORT_COLUMNS = {"train_loss": ("train_loss", "val_loss"), "val_loss": ("val_loss", "train_loss"),
                   "val_acc": ("train_accuracy", "val_accuracy")}
@@ -297,24 +295,6 @@ def format_result(r):
 
 # ----------------------------------------------------------------------------- the report's logs
 
-def read_report_log(path=REPORT_LOG):
-    """The report's epoch logs: {"cnn": rows, "resnet9": rows}, each row a dict of numbers.
-
-    val_acc is a fraction in [0, 1], like every accuracy in this project (the report printed 56.2%).
-    """
-    logs = {}
-    try:
-        with open(path, newline="") as f:
-            for row in csv.DictReader(f):
-                model = row.pop("model")
-                logs.setdefault(model, []).append({k: int(v) if k == "epoch" else float(v)
-                                                   for k, v in row.items()})
-    except (OSError, KeyError, TypeError, ValueError) as error:
-        raise common.UserError(f"cannot read the report's log {path} ({error}): restore it with "
-                               f"git checkout {Path(path).name}") from None
-    return logs
-
-
 def against_report(history, report):
     """The run's epochs beside the report's, and for each report column, how far it lies from
     each run column it might be measuring (mean absolute difference over the shared epochs)."""
@@ -398,14 +378,6 @@ def check_same_run(path_a, a, path_b, b):
     if a["config"]["seed"] == b["config"]["seed"]:
         raise common.UserError(f"{path_a} and {path_b} both have --seed {a['config']['seed']}: "
                                f"one run given twice would count twice; group runs of different seeds")
-
-
-def spread(values):
-    """mean, sample standard deviation (n - 1; None for one run) and the values; None if any is."""
-    if any(value is None for value in values):
-        return None
-    std = statistics.stdev(values) if len(values) > 1 else None
-    return {"mean": statistics.fmean(values), "std": std, "values": values}
 
 
 def summarise(groups, results):
@@ -540,52 +512,6 @@ def report_conclusion(result, accuracies, runs):
     line = (f"\nThe report's conclusion (the ResNet beats the CNN; it measured {REPORT['resnet9']}% vs "
             f"{REPORT['cnn']}%) {CONCLUSIONS[outcome]}, on clean test accuracy")
     return line + (f"; for these runs only, not the report's schedule ({'; '.join(limits)})." if limits else ".")
-
-
-def welch(a, b):
-    """Welch's t, its degrees of freedom and the two-sided p-value for samples a and b.
-    (t and df are None when neither sample varies: p is then 1 for equal means, else 0.)"""
-    mean_a, mean_b = statistics.fmean(a), statistics.fmean(b)
-    se2_a, se2_b = statistics.variance(a) / len(a), statistics.variance(b) / len(b)  # squared standard errors
-    if se2_a + se2_b == 0:
-        return None, None, float(mean_a == mean_b)
-    t = (mean_a - mean_b) / math.sqrt(se2_a + se2_b)
-    df = (se2_a + se2_b) ** 2 / (se2_a ** 2 / (len(a) - 1) + se2_b ** 2 / (len(b) - 1))
-    return t, df, t_two_sided_p(t, df)
-
-
-def t_two_sided_p(t, df):
-    """P(|T| >= |t|) for Student's t with df degrees of freedom: I_x(df/2, 1/2), x = df / (df + t^2)."""
-    return incomplete_beta(df / 2, 0.5, df / (df + t * t))
-
-
-def incomplete_beta(a, b, x):
-    """The regularised incomplete beta function I_x(a, b), by its continued fraction
-    (Numerical Recipes, 6.4), on the side of x where the fraction converges quickly."""
-    if x <= 0 or x >= 1:
-        return float(x >= 1)
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
-    if x < (a + 1) / (a + b + 2):
-        return front * beta_fraction(a, b, x) / a
-    return 1 - front * beta_fraction(b, a, 1 - x) / b
-
-
-def beta_fraction(a, b, x, tiny=1e-300, eps=1e-15):
-    """The continued fraction of I_x(a, b), evaluated by the modified Lentz method."""
-    c, d = 1.0, 1 - (a + b) * x / (a + 1)
-    d = 1 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 100_000):  # converges in about sqrt(max(a, b)) steps
-        for coefficient in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1 + coefficient * d
-            d = 1 / (d if abs(d) > tiny else tiny)
-            c = 1 + coefficient / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1) < eps:
-            break
-    return h
 
 
 # ----------------------------------------------------------------------------- main

@@ -5,10 +5,10 @@
 
 The records are the JSON files the scripts wrote, committed here:
   results/runs/<aug>-s<seed>/<model>.json   a training run (train_cnn.py / train_resnet.py)
-  results/eval/<aug>-s<seed>-<model>.json   its evaluation: evaluate.py --tta --repeats 20 --against-report
-  results/eval/ablation/<aug>-s<seed>-<model>.json          evaluate.py --ablation --repeats 3
+  results/eval/<aug>-s<seed>-<model>.json   its evaluation: report.py --tta --repeats 20 --against-report
+  results/eval/ablation/<aug>-s<seed>-<model>.json          report.py --ablation --repeats 3
   results/eval/train-mode/<aug>-s<seed>-<model>-<pipeline>.json
-                                            evaluate.py --train-mode --repeat-aug PIPELINE --repeats 5
+                                            report.py --train-mode --repeat-aug PIPELINE --repeats 5
   results/classroom/<aug>/cnn.json, <aug>-cnn-eval.json    docs/lesson.md's short runs
 and report_log.csv, the report's own logs. results/README.md says which command made each.
 
@@ -27,9 +27,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # evaluate.py's statistics and the report's numbers, written once
-import common  # noqa: E402
-import evaluate  # noqa: E402
+sys.path.insert(0, str(ROOT))  # the report's numbers and the statistics, written once, in report.py
+import report  # noqa: E402  (plain Python: the pages rebuild without torch)
 
 MODELS = {"cnn": "CNN", "resnet9": "ResNet9"}
 RECIPES = {"report": "the report's augmentation (`--aug report`)",
@@ -110,7 +109,7 @@ def runs_of(records, model, aug):
 
 def measure(runs, key):
     """One measure of each run, as a list: the clean test accuracy and the held-out accuracy
-    after the last epoch from the training record (evaluate.py measures the same), the
+    after the last epoch from the training record (report.py measures the same), the
     report's protocol from the evaluation (runs not evaluated yet are left out)."""
     if key == "test_accuracy":
         return [r["run"]["test_accuracy"] for r in runs]
@@ -120,7 +119,7 @@ def measure(runs, key):
 
 
 def mean_std(values):
-    spread = evaluate.spread(values) if values else None
+    spread = report.spread(values) if values else None
     return (spread["mean"], spread["std"]) if spread else (None, None)
 
 
@@ -144,11 +143,11 @@ def table(header, rows):
 def answer_table(records, numbers):
     """Per model: the report's numbers, then ours for each training recipe."""
     rows = []
-    report_log = evaluate.read_report_log()
+    report_log = report.read_report_log()
     for model, label in MODELS.items():
         reported_val = report_log[model][-1]["val_acc"]
         rows.append([f"**{label}**", "the report", f'"val_accuracy" {numbers.pct(reported_val, 1)}%',
-                     f"{numbers.points(evaluate.REPORT[model])}% (100 passes)", "-"])
+                     f"{numbers.points(report.REPORT[model])}% (100 passes)", "-"])
         for aug in RECIPES:
             runs = runs_of(records, model, aug)
             rows.append(["", f"ours, `--aug {aug}`", cell(numbers, measure(runs, "val_accuracy")),
@@ -163,7 +162,7 @@ def welch_row(numbers, a, b):
     if len(a) < 2 or len(b) < 2:
         gap = f"{numbers.points(100 * (mean_std(a)[0] - mean_std(b)[0]))}" if a and b else "-"
         return [gap, "needs 2 seeds of each"]
-    t, df, p = evaluate.welch(a, b)
+    t, df, p = report.welch(a, b)
     return [numbers.points(100 * (sum(a) / len(a) - sum(b) / len(b))), f"{p:.2g} (df = {df:.1f})"]
 
 
@@ -213,11 +212,11 @@ def first_epoch(records, numbers):
         return "(the CNN's first epoch: not measured yet)\n"
     row = r["run"]["history"][0]
     numbers.pct(row["val_accuracy"], 1), numbers.pct(row["train_accuracy"], 1)
-    report = evaluate.read_report_log()["cnn"][0]
-    return ("```\n" + common.format_row(row, r["run"]["config"]["epochs"]) + "\n```\n"
+    first = report.read_report_log()["cnn"][0]
+    return ("```\n" + report.format_row(row, r["run"]["config"]["epochs"]) + "\n```\n"
             f"(the CNN's first epoch, seed 0, on a shared 2-core CPU; the report's first line: "
-            f"train_loss {report['train_loss']:.4f}, val_loss {report['val_loss']:.4f}, "
-            f"val_acc {numbers.pct(report['val_acc'], 1)}%)\n")
+            f"train_loss {first['train_loss']:.4f}, val_loss {first['val_loss']:.4f}, "
+            f"val_acc {numbers.pct(first['val_acc'], 1)}%)\n")
 
 
 def ablation_table(records, numbers, results):
@@ -257,8 +256,8 @@ def fit_both_table(records, numbers, results):
         cnn, resnet = 100 * by_model["cnn"], 100 * by_model["resnet9"]
         rows.append([f"`--aug {aug}`", name, numbers.points(cnn), numbers.points(resnet),
                      numbers.points(resnet - cnn),
-                     numbers.points(max(abs(cnn - evaluate.REPORT["cnn"]), abs(resnet - evaluate.REPORT["resnet9"])))])
-    gap = numbers.points(evaluate.REPORT["resnet9"] - evaluate.REPORT["cnn"])
+                     numbers.points(max(abs(cnn - report.REPORT["cnn"]), abs(resnet - report.REPORT["resnet9"])))])
+    gap = numbers.points(report.REPORT["resnet9"] - report.REPORT["cnn"])
     if not rows:
         return (f"(every test pipeline against both report numbers, a {gap}-point gap: not measured "
                 f"yet, it needs the seed-0 ResNet9 evaluations)\n")
@@ -312,12 +311,12 @@ def draw_answer(records, path, results=None):
     if plt is None:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(16, 6), sharey=True)
-    report_log = evaluate.read_report_log()
+    report_log = report.read_report_log()
     for ax, (model, label) in zip(axes, MODELS.items()):
-        ax.scatter([0, 0], [100 * report_log[model][-1]["val_acc"], evaluate.REPORT[model]],
+        ax.scatter([0, 0], [100 * report_log[model][-1]["val_acc"], report.REPORT[model]],
                    marker="*", s=300, color="crimson", zorder=3)
         ax.annotate('"val_accuracy"', (0.1, 100 * report_log[model][-1]["val_acc"]), va="center")
-        ax.annotate("test accuracy", (0.1, evaluate.REPORT[model]), va="center")
+        ax.annotate("test accuracy", (0.1, report.REPORT[model]), va="center")
         for x, aug in enumerate(RECIPES, start=1):
             runs = runs_of(records, model, aug)
             for key, colour, name in (("test_accuracy", "black", "clean test (one dot per seed)"),
@@ -334,10 +333,7 @@ def draw_answer(records, path, results=None):
     axes[0].set_ylabel("accuracy (%)", fontsize=13)
     axes[0].legend(loc="lower right", fontsize=11)
     fig.suptitle("The report's numbers (stars) beside what its models measure here", fontsize=16)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return saved(plt, fig, path)
 
 
 def draw_logs(records, path, results):
@@ -345,7 +341,7 @@ def draw_logs(records, path, results):
     plt = pyplot()
     if plt is None:
         return False
-    report_log = evaluate.read_report_log()
+    report_log = report.read_report_log()
     fig, axes = plt.subplots(2, 2, figsize=(16, 10))
     for row, (model, label) in zip(axes, MODELS.items()):
         loss, acc = row
@@ -377,10 +373,7 @@ def draw_logs(records, path, results):
             ax.legend(fontsize=9)
     fig.suptitle("The report's epoch log (thick) beside our seed-0 runs with and without its augmentation",
                  fontsize=16)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return saved(plt, fig, path)
 
 
 def draw_ablation(records, path, results):
@@ -390,7 +383,7 @@ def draw_ablation(records, path, results):
     if plt is None:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(16, 6), sharey=True)
-    steps = list(common.REPORT_STEPS)
+    steps = list(next(iter(ablations.values()))["ablation"]["only"]) if ablations else []
     for ax, (model, label) in zip(axes, MODELS.items()):
         for (m, aug, seed, _), r in sorted(ablations.items()):
             if m != model or seed != 0:
@@ -413,10 +406,7 @@ def draw_ablation(records, path, results):
     axes[0].set_ylabel("points lost against the clean test accuracy", fontsize=12)
     fig.suptitle("Which step of the report's test pipeline costs how much (filled: trained through it)"
                  + ("" if ablations else ":\nnot measured yet"), fontsize=16)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return saved(plt, fig, path)
 
 
 def draw_fit_both(records, path, results):
@@ -425,8 +415,8 @@ def draw_fit_both(records, path, results):
     if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(10, 9))
-    report = (evaluate.REPORT["cnn"], evaluate.REPORT["resnet9"])
-    gap = report[1] - report[0]
+    star = (report.REPORT["cnn"], report.REPORT["resnet9"])
+    gap = star[1] - star[0]
     points = [(aug, name, 100 * m["cnn"], 100 * m["resnet9"])
               for (aug, name), m in sorted(test_pipelines(records, results).items()) if len(m) == 2]
     for aug, filled in (("report", True), ("none", False)):
@@ -434,7 +424,7 @@ def draw_fit_both(records, path, results):
         if mine:
             ax.scatter(*zip(*mine), s=70, color="tab:blue", facecolors="tab:blue" if filled else "none",
                        label=f"a test pipeline, models trained --aug {aug}")
-    ax.scatter(*report, marker="*", s=500, color="crimson", zorder=3, label="the report (44.53, 66.02)")
+    ax.scatter(*star, marker="*", s=500, color="crimson", zorder=3, label=f"the report ({star[0]}, {star[1]})")
     ax.plot([0, 100], [gap, 100 + gap], color="crimson", ls="--", lw=1,
             label=f"the report's gap: ResNet9 = CNN + {gap:.2f} points")
     ax.plot([0, 100], [0, 100], color="grey", lw=0.5, label="equal accuracy")
@@ -448,14 +438,19 @@ def draw_fit_both(records, path, results):
     ax.set_title(title, fontsize=15)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=11, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+    return saved(plt, fig, path)
 
 
 FIGURES = {"answer.png": draw_answer, "logs.png": draw_logs, "ablation.png": draw_ablation,
            "fit-both.png": draw_fit_both}
+
+
+def saved(plt, fig, path):
+    """Write a figure at about 1,600 px wide (16 inches at 100 dpi) and free it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
 
 
 def pyplot():
