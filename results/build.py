@@ -158,12 +158,18 @@ def answer_table(records, numbers):
 
 
 def welch_row(numbers, a, b):
-    """Mean of a minus mean of b in points, and Welch's p, over the seeds of each."""
+    """Mean of a minus mean of b in points, ± the standard error of that difference, Welch's p,
+    and whether the gap is beyond the seed-to-seed noise (p < 0.05), over the seeds of each."""
     if len(a) < 2 or len(b) < 2:
         gap = f"{numbers.points(100 * (mean_std(a)[0] - mean_std(b)[0]))}" if a and b else "-"
-        return [gap, "needs 2 seeds of each"]
+        return [gap, "needs 2 seeds of each", "not tested yet"]
     t, df, p = report.welch(a, b)
-    return [numbers.points(100 * (sum(a) / len(a) - sum(b) / len(b))), f"{p:.2g} (df = {df:.1f})"]
+    (mean_a, std_a), (mean_b, std_b) = mean_std(a), mean_std(b)
+    standard_error = (std_a ** 2 / len(a) + std_b ** 2 / len(b)) ** 0.5
+    beyond = "yes" if p < 0.05 else "no: within the noise of this many seeds"
+    df_text = f" (df = {df:.1f})" if df is not None else ""
+    return [f"{numbers.points(100 * (mean_a - mean_b))} ± {numbers.points(100 * standard_error)}",
+            f"{p:.2g}{df_text}", beyond]
 
 
 def verdict_table(records, numbers):
@@ -173,8 +179,8 @@ def verdict_table(records, numbers):
         a = measure(runs_of(records, "resnet9", aug), "test_accuracy")
         b = measure(runs_of(records, "cnn", aug), "test_accuracy")
         rows.append([f"`--aug {aug}`", f"{len(a)} and {len(b)}", *welch_row(numbers, a, b)])
-    return table(["trained by", "seeds (ResNet9, CNN)", "ResNet9 minus CNN (points)",
-                  "Welch's p (two-sided)"], rows)
+    return table(["trained by", "how many seeds (ResNet9, CNN)", "ResNet9 minus CNN (points ± standard error)",
+                  "Welch's p (two-sided)", "beyond the seed-to-seed noise?"], rows)
 
 
 def cost_table(records, numbers):
@@ -185,8 +191,9 @@ def cost_table(records, numbers):
         for other in ("none", "standard"):
             theirs = measure(runs_of(records, model, other), "test_accuracy")
             rows.append([label, f"`--aug {other}`", f"{len(ours)} and {len(theirs)}", *welch_row(numbers, ours, theirs)])
-    return table(["model", "against", "seeds (report, other)", "report minus other (points)",
-                  "Welch's p (two-sided)"], rows)
+    return table(["model", "against", "how many seeds (report, other)",
+                  "report minus other (points ± standard error)", "Welch's p (two-sided)",
+                  "beyond the seed-to-seed noise?"], rows)
 
 
 def runs_table(records, numbers):

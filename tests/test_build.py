@@ -65,7 +65,8 @@ def test_build_fills_the_tables_from_the_records(project):
     assert "62.59% ± 0.22 (n = 2)" in page
     assert "71.45% ± 0.18 (n = 2)" in page
     t, df, p = evaluate.welch([0.7157, 0.7132], [0.6243, 0.6274])
-    assert f"{p:.2g} (df = {df:.1f})" in page
+    # the gap, 71.445 - 62.585 points, with the standard error of a difference of two means
+    assert f"| 8.86 ± 0.20 | {p:.2g} (df = {df:.1f}) | yes |" in page
     assert "| `--aug none` | 0 and 0 |" in page  # a recipe with no runs yet says so
     assert build.main(["--check"], root=project) == 0
 
@@ -166,3 +167,15 @@ def test_the_figures_are_drawn_from_the_records(project):
     build.main([], root=project)
     for name in ("answer.png", "logs.png", "ablation.png", "fit-both.png"):
         assert (project / "docs" / name).read_bytes()[:4] == b"\x89PNG", name
+
+
+def test_a_gap_within_the_seed_noise_is_not_called_a_difference(project):
+    """Two recipes whose seeds overlap: the cost table gives the gap and says it is within the noise."""
+    for seed, test in enumerate([0.6300, 0.6200]):
+        write_run(project, "cnn", "none", seed, test, test, 0.25)
+    build_page = project / "README.md"
+    build_page.write_text("<!-- build: cost -->\n<!-- end build -->\n")
+    assert build.main([], root=project) == 0
+    row = next(line for line in build_page.read_text().splitlines() if line.startswith("| CNN | `--aug none`"))
+    # report 62.585 minus none 62.50: 0.09 points, far inside a spread of 0.7
+    assert "| 2 and 2 | 0.09 ± " in row and row.endswith("| no: within the noise of this many seeds |")
