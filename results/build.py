@@ -196,6 +196,46 @@ def cost_table(records, numbers):
                   "beyond the seed-to-seed noise?"], rows)
 
 
+def findings(records, numbers):
+    """One plain sentence per finding, from the same numbers as the tables: which model is
+    better under each recipe, what the report's pipeline cost each model, what the usual
+    recipe gives. A finding whose runs are missing says so."""
+    clean = {(model, aug): measure(runs_of(records, model, aug), "test_accuracy")
+             for model in MODELS for aug in RECIPES}
+    lines = []
+    for aug in RECIPES:
+        a, b = clean["resnet9", aug], clean["cnn", aug]
+        if a and b:
+            gap = 100 * (mean_std(a)[0] - mean_std(b)[0])
+            lines.append(f"Trained with {RECIPES[aug]}, the ResNet9 scores {numbers.points(abs(gap))} points "
+                         f"{'above' if gap >= 0 else 'below'} the CNN {evidence(a, b)}.")
+        else:
+            lines.append(f"Trained with {RECIPES[aug]}, the ResNet9 against the CNN: not measured yet.")
+    for model, label in MODELS.items():
+        parts = []
+        for other, name in (("none", "no augmentation"), ("standard", "the usual recipe")):
+            a, b = clean[model, other], clean[model, "report"]
+            if a and b:
+                cost = 100 * (mean_std(a)[0] - mean_std(b)[0])
+                parts.append(f"{'cost' if cost >= 0 else 'gained'} it {numbers.points(abs(cost))} points "
+                             f"against {name} {evidence(a, b)}")
+            else:
+                parts.append(f"against {name}: not measured yet")
+        lines.append(f"The report's augmentation, for the {label}: {parts[0]}; {parts[1]}.")
+    usual = [f"the {label} {cell(numbers, clean[model, 'standard'])}" for model, label in MODELS.items()]
+    lines.append(f"The usual recipe's clean test accuracy: {usual[0]}, {usual[1]}.")
+    return "".join(f"- {line}\n" for line in lines)
+
+
+def evidence(a, b):
+    """How far a gap between two recipes' seeds can be trusted, in brackets."""
+    if len(a) < 2 or len(b) < 2:
+        return f"({len(a)} and {len(b)} seeds: with one seed, not yet a verdict)"
+    p = report.welch(a, b)[2]
+    noise = "beyond the seed-to-seed noise" if p < 0.05 else "within the seed-to-seed noise"
+    return f"({len(a)} and {len(b)} seeds; Welch's p = {p:.2g}: {noise})"
+
+
 def runs_table(records, numbers):
     """Every finished run: what it scored, where and how long it trained."""
     rows = []
@@ -304,7 +344,7 @@ def test_error_table(records, numbers):
     return table(["accuracy", "standard error (points)", "95% range (points)"], rows)
 
 
-TABLES = {"answer": answer_table, "verdicts": verdict_table, "cost": cost_table, "runs": runs_table,
+TABLES = {"answer": answer_table, "findings": findings, "verdicts": verdict_table, "cost": cost_table, "runs": runs_table,
           "first-epoch": first_epoch, "ablation": ablation_table, "train-mode": train_mode_table,
           "fit-both": fit_both_table, "classroom": classroom_table, "test-error": test_error_table}
 NEEDS_RESULTS = {"ablation", "train-mode", "fit-both", "classroom"}  # they read results/eval/ beyond the runs

@@ -170,12 +170,19 @@ def test_the_figures_are_drawn_from_the_records(project):
 
 
 def test_a_gap_within_the_seed_noise_is_not_called_a_difference(project):
-    """Two recipes whose seeds overlap: the cost table gives the gap and says it is within the noise."""
+    """Two recipes whose seeds overlap: the cost table and the findings give the gap and say it
+    is within the noise; a gap far outside the seeds' spread is called beyond it."""
     for seed, test in enumerate([0.6300, 0.6200]):
         write_run(project, "cnn", "none", seed, test, test, 0.25)
     build_page = project / "README.md"
-    build_page.write_text("<!-- build: cost -->\n<!-- end build -->\n")
+    build_page.write_text("<!-- build: cost -->\n<!-- end build -->\n<!-- build: findings -->\n<!-- end build -->\n")
     assert build.main([], root=project) == 0
-    row = next(line for line in build_page.read_text().splitlines() if line.startswith("| CNN | `--aug none`"))
+    page = build_page.read_text()
+    p = evaluate.welch([0.7157, 0.7132], [0.6243, 0.6274])[2]
+    assert (f"the ResNet9 scores 8.86 points above the CNN (2 and 2 seeds; Welch's p = {p:.2g}: "
+            "beyond the seed-to-seed noise).") in page
+    assert "for the CNN: gained it 0.09 points against no augmentation (2 and 2 seeds" in page
+    assert "the ResNet9 against the CNN: not measured yet." in page  # --aug none has no ResNet9 run
+    row = next(line for line in page.splitlines() if line.startswith("| CNN | `--aug none`"))
     # report 62.585 minus none 62.50: 0.09 points, far inside a spread of 0.7
     assert "| 2 and 2 | 0.09 ± " in row and row.endswith("| no: within the noise of this many seeds |")
