@@ -69,8 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=common.REPORT_RECIPE["test_passes"],
                    help="passes of the report's protocol (default: 100, as the report; 0: skip)")
     p.add_argument("--repeat-aug", choices=[*sorted(common.AUGMENTATIONS), "train"], default="report",
-                   help="what the report's protocol passes the test images through: report, the "
-                        "report's list, whatever the model was trained with (default); standard, "
+                   help="what the report's protocol passes the test images through: report (the "
+                        "default), the report's list, whatever the model was trained with; standard, "
                         "pad-crop-flip; none, so every pass equals the clean one; train, the "
                         "augmentation the checkpoint was trained with (its --aug)")
     p.add_argument("--train-mode", action="store_true",

@@ -266,6 +266,25 @@ def first_epoch(records, numbers):
             f"val_acc {numbers.pct(first['val_acc'], 1)}%)\n")
 
 
+def tracks_table(records, numbers):
+    """For each evaluated run: which of its columns each column of the report's log follows
+    (evaluate.py --against-report: the smallest mean absolute difference over the epochs)."""
+    rows = []
+    for (model, aug, seed), r in sorted(records.items()):
+        against = (r["eval"] or {}).get("against_report")
+        if not against:
+            continue
+        for column, found in against["columns"].items():
+            scale, unit = (100, " points") if column == "val_acc" else (1, "")
+            distances = ", ".join(f"{ours} {numbers.points(scale * d)}{unit}"
+                                  for ours, d in sorted(found["mean_abs_difference"].items(), key=lambda kv: kv[1]))
+            rows.append([MODELS[model], f"`--aug {aug}`, seed {seed}", f"`{column}`", f"our `{found['tracks']}`",
+                         distances])
+    if not rows:
+        return "(the logs side by side: not measured yet)\n"
+    return table(["model", "trained by", "the report's column", "follows", "mean distance over the 20 epochs"], rows)
+
+
 def ablation_table(records, numbers, results):
     """Points each step of the report's pipeline costs, against the clean test accuracy."""
     rows = []
@@ -345,7 +364,7 @@ def test_error_table(records, numbers):
 
 
 TABLES = {"answer": answer_table, "findings": findings, "verdicts": verdict_table, "cost": cost_table, "runs": runs_table,
-          "first-epoch": first_epoch, "ablation": ablation_table, "train-mode": train_mode_table,
+          "first-epoch": first_epoch, "tracks": tracks_table, "ablation": ablation_table, "train-mode": train_mode_table,
           "fit-both": fit_both_table, "classroom": classroom_table, "test-error": test_error_table}
 NEEDS_RESULTS = {"ablation", "train-mode", "fit-both", "classroom"}  # they read results/eval/ beyond the runs
 
@@ -366,11 +385,11 @@ def draw_answer(records, path, results=None):
         ax.annotate("test accuracy", (0.1, report.REPORT[model]), va="center")
         for x, aug in enumerate(RECIPES, start=1):
             runs = runs_of(records, model, aug)
-            for key, colour, name in (("test_accuracy", "black", "clean test (one dot per seed)"),
-                                      ("val_accuracy", "tab:blue", "held-out validation"),
-                                      ("repeated", "tab:orange", "the report's test protocol")):
-                values = [100 * v for v in measure(runs, key)]
-                ax.scatter([x] * len(values), values, color=colour, s=60, alpha=0.8,
+            for key, colour, name, shift in (("test_accuracy", "black", "clean test (one dot per seed)", -0.12),
+                                             ("val_accuracy", "tab:blue", "held-out validation", 0),
+                                             ("repeated", "tab:orange", "the report's test protocol", 0.12)):
+                values = [100 * v for v in measure(runs, key)]  # side by side: equal values stay visible
+                ax.scatter([x + shift] * len(values), values, color=colour, s=60, alpha=0.8,
                            label=name if x == 1 else None, zorder=3)
         ax.set_xticks(range(len(RECIPES) + 1),
                       ["the report"] + [f"ours,\n--aug {aug}" for aug in RECIPES], fontsize=12)
@@ -378,9 +397,10 @@ def draw_answer(records, path, results=None):
         ax.set_title(label, fontsize=15)
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("accuracy (%)", fontsize=13)
-    axes[0].legend(loc="lower right", fontsize=11)
-    fig.suptitle("The report's numbers (stars) beside what its models measure here", fontsize=16)
-    return saved(plt, fig, path)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=12)
+    fig.suptitle("(a) The report's numbers (stars) beside what its models measure here", fontsize=16)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))  # room below the axes for the legend, which hides no point
+    return saved(plt, fig, path, layout=False)
 
 
 def draw_logs(records, path, results):
@@ -418,7 +438,7 @@ def draw_logs(records, path, results):
             ax.set_xticks(range(1, 21))
             ax.grid(alpha=0.3)
             ax.legend(fontsize=9)
-    fig.suptitle("The report's epoch log (thick) beside our seed-0 runs with and without its augmentation",
+    fig.suptitle("(b) The report's epoch log (thick) beside our seed-0 runs with and without its augmentation",
                  fontsize=16)
     return saved(plt, fig, path)
 
@@ -451,7 +471,7 @@ def draw_ablation(records, path, results):
         if ax.get_legend_handles_labels()[0]:  # a model with no ablation record yet has none
             ax.legend(fontsize=10)
     axes[0].set_ylabel("points lost against the clean test accuracy", fontsize=12)
-    fig.suptitle("Which step of the report's test pipeline costs how much (filled: trained through it)"
+    fig.suptitle("(c) Which step of the report's test pipeline costs how much (filled: trained through it)"
                  + ("" if ablations else ":\nnot measured yet"), fontsize=16)
     return saved(plt, fig, path)
 
@@ -479,7 +499,7 @@ def draw_fit_both(records, path, results):
     ax.set_ylim(10, 90)
     ax.set_xlabel("CNN accuracy through the test pipeline (%)", fontsize=13)
     ax.set_ylabel("ResNet9 accuracy through the test pipeline (%)", fontsize=13)
-    title = "Every test pipeline against both report numbers (seed 0)"
+    title = "(d) Every test pipeline against both report numbers (seed 0)"
     if not points:
         title += ":\nnot measured yet (needs the ResNet9 evaluations)"
     ax.set_title(title, fontsize=15)
@@ -492,9 +512,10 @@ FIGURES = {"answer.png": draw_answer, "logs.png": draw_logs, "ablation.png": dra
            "fit-both.png": draw_fit_both}
 
 
-def saved(plt, fig, path):
+def saved(plt, fig, path, layout=True):
     """Write a figure at about 1,600 px wide (16 inches at 100 dpi) and free it."""
-    fig.tight_layout()
+    if layout:
+        fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
