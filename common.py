@@ -632,7 +632,8 @@ def device_name(device):
     if device.type == "mps":
         return "mps (Apple GPU)"
     name = cpu_capabilities().get("cpu_name") or platform.processor() or platform.machine()
-    return f"cpu ({name}, {torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"cpu ({name}, {threads} thread{'' if threads == 1 else 's'})"
 
 
 # ----------------------------------------------------------------------------- training

@@ -32,7 +32,7 @@ def write_run(root, model, aug, seed, test, val, repeated, finished=True):
              "val_accuracy": val, "seconds": 30.0} for epoch in (1, 2)]
     run = {"model": model, "config": {"aug": aug, "epochs": 2}, "seed": seed,
            "history": rows, "test_accuracy": test if finished else None,
-           "train_seconds": 600.0, "device": "cpu (test, 1 threads)", "precision": "bf16",
+           "train_seconds": 600.0, "device": "cpu (test, 1 thread)", "precision": "bf16",
            "git_commit": "0123456789abcdef"}
     (folder / f"{model}.json").write_text(json.dumps(run))
     evaluation = {"model": model, "aug": aug, "seed": seed, "test_accuracy": test, "val_accuracy": val,
