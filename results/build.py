@@ -336,19 +336,21 @@ def classroom_table(records, numbers, results):
     rows = []
     for path in sorted((results / "classroom").glob("*/cnn.json")):
         run = json.loads(path.read_text())
-        evaluation = path.parent.with_name(f"{path.parent.name}-cnn-eval.json")
-        e = json.loads(evaluation.read_text()) if evaluation.exists() else None
+        e, train_mode = (json.loads(f.read_text()) if f.exists() else None for f in
+                         (path.parent.with_name(f"{path.parent.name}-cnn-{kind}.json") for kind in ("eval", "train-mode")))
         last, config = run["history"][-1], run["config"]
         rows.append([f"`python train_cnn.py --aug {config['aug']} --epochs {config['epochs']} "
                      f"--subset {config['subset']}`", f"{run['train_seconds'] / 60:.0f} min",
                      f"{numbers.pct(last['train_accuracy'], 1)}%", f"{numbers.pct(last['val_accuracy'], 1)}%",
                      f"{numbers.pct(run['test_accuracy'])}%",
                      f"{numbers.pct(e['repeated']['mean'])}% ({e['repeated']['n']} passes)" if e else "not measured yet",
+                     f"{numbers.pct(train_mode['repeated']['mean'])}% ± {numbers.points(100 * train_mode['repeated']['std'])} "
+                     f"({train_mode['repeated']['n']} passes)" if train_mode else "-",
                      run["device"]])
     if not rows:
         return "(the classroom runs: not measured yet)\n"
     return table(["command", "train time", "training accuracy (last epoch)", "held-out val",
-                  "clean test", "the report's protocol", "device"], rows)
+                  "clean test", "the report's protocol", "train-mode passes, no augmentation", "device"], rows)
 
 
 def test_error_table(records, numbers):
