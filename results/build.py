@@ -467,15 +467,20 @@ def draw_ablation(records, path, results):
                            label=f"{'this step alone' if kind == 'only' else 'all steps but this'}, "
                                  f"trained --aug {aug}")
         ax.set_xticks(range(len(steps)), steps, fontsize=12)
+        ax.set_xlim(-0.5, len(steps) - 0.5)
         ax.set_xlabel("step of the report's pipeline", fontsize=12)
         ax.set_title(label, fontsize=15)
         ax.grid(axis="y", alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:  # a model with no ablation record yet has none
-            ax.legend(fontsize=10)
+        if not ax.collections:
+            ax.text(0.5, 0.5, "not measured yet", transform=ax.transAxes, ha="center", fontsize=14, color="grey")
     axes[0].set_ylabel("points lost against the clean test accuracy", fontsize=12)
     fig.suptitle("(c) Which step of the report's test pipeline costs how much (filled: trained through it)"
                  + ("" if ablations else ":\nnot measured yet"), fontsize=16)
-    return saved(plt, fig, path)
+    handles = {label: h for ax in axes for h, label in zip(*ax.get_legend_handles_labels())}
+    if handles:  # below the axes, where it hides no point
+        fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=4, fontsize=11)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return saved(plt, fig, path, layout=False)
 
 
 def draw_fit_both(records, path, results):
