@@ -467,7 +467,8 @@ def draw_ablation(records, path, results):
                            label=f"{'this step alone' if kind == 'only' else 'all steps but this'}, "
                                  f"trained --aug {aug}")
         ax.set_xticks(range(len(steps)), steps, fontsize=12)
-        ax.set_xlim(-0.5, len(steps) - 0.5)
+        if steps:
+            ax.set_xlim(-0.5, len(steps) - 0.5)
         ax.set_xlabel("step of the report's pipeline", fontsize=12)
         ax.set_title(label, fontsize=15)
         ax.grid(axis="y", alpha=0.3)
