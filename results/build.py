@@ -327,8 +327,13 @@ def fit_both_table(records, numbers, results):
     if not rows:
         return (f"(every test pipeline against both report numbers, a {gap}-point gap: not measured "
                 f"yet, it needs the seed-0 ResNet9 evaluations)\n")
+    nearest = min(rows, key=lambda row: float(row[-1]))
+    gaps = sorted(float(row[4]) for row in rows)
+    summary = (f"\n{len(rows)} pipeline{'' if len(rows) == 1 else 's'} with both models measured. The nearest to both report numbers: "
+               f"{nearest[1]} (models trained {nearest[0]}), {nearest[-1]} points from the farther one. "
+               f"Our gaps between the two models: {gaps[0]:.2f} to {gaps[-1]:.2f} points; the report's: {gap}.\n")
     return table(["trained by", "test pipeline", "CNN %", "ResNet9 %", f"gap (the report's: {gap})",
-                  "farther of the two from the report (points)"], rows)
+                  "farther of the two from the report (points)"], rows) + summary
 
 
 def classroom_table(records, numbers, results):

@@ -156,6 +156,8 @@ def test_every_test_pipeline_is_set_against_both_report_numbers(project):
     build.main([], root=project)
     fit = page.read_text().split("<!-- build: fit-both -->")[1].split("<!-- end build -->")[0]
     assert "| `--aug report` | train mode, --repeat-aug none | 44.53 | 67.02 | 22.49 | 1.00 |" in fit
+    assert ("The nearest to both report numbers: train mode, --repeat-aug none (models trained "
+            "`--aug report`), 1.00 points from the farther one.") in fit
     assert build.main(["--check"], root=project) == 0
 
 
