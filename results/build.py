@@ -392,6 +392,8 @@ def draw_answer(records, path, results=None):
         ax.annotate("test accuracy", (0.1, report.REPORT[model]), va="center")
         for x, aug in enumerate(RECIPES, start=1):
             runs = runs_of(records, model, aug)
+            if not runs:  # an empty column says why it is empty
+                ax.text(x, 60, "not measured yet", ha="center", color="grey", fontsize=12)
             for key, colour, name, shift in (("test_accuracy", "black", "clean test (one dot per seed)", -0.12),
                                              ("val_accuracy", "tab:blue", "held-out validation", 0),
                                              ("repeated", "tab:orange", "the report's test protocol", 0.12)):
