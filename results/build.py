@@ -506,6 +506,10 @@ def draw_fit_both(records, path, results):
         if mine:
             ax.scatter(*zip(*mine), s=70, color="tab:blue", facecolors="tab:blue" if filled else "none",
                        label=f"a test pipeline, models trained --aug {aug}")
+    if points:  # name the candidate nearest to both report numbers, as the table's line does
+        aug, name, x, y = min(points, key=lambda p: max(abs(p[2] - star[0]), abs(p[3] - star[1])))
+        ax.annotate(f"nearest: {name}\n(trained --aug {aug})", (x, y), xytext=(x + 10, y - 20),
+                    fontsize=11, arrowprops=dict(arrowstyle="->", color="grey"))
     ax.scatter(*star, marker="*", s=500, color="crimson", zorder=3, label=f"the report ({star[0]}, {star[1]})")
     ax.plot([0, 100], [gap, 100 + gap], color="crimson", ls="--", lw=1,
             label=f"the report's gap: ResNet9 = CNN + {gap:.2f} points")
