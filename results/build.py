@@ -80,25 +80,25 @@ def load_extra_evaluations(results, kind):
     return found
 
 
-def test_pipelines(records, results):
-    """Every test pipeline measured on seed 0 of a model, by training recipe: the candidates
-    for the report's test numbers. {(aug, pipeline name): {model: accuracy}}."""
+def test_pipelines(records, results, seed_wanted=0):
+    """Every test pipeline measured on one seed (0 unless told) of a model, by training recipe:
+    the candidates for the report's test numbers. {(aug, pipeline name): {model: accuracy}}."""
     candidates = {}
 
     def add(model, aug, name, accuracy):
         candidates.setdefault((aug, name), {})[model] = accuracy
 
     for (model, aug, seed), r in records.items():
-        if seed == 0 and r["eval"] is not None:
+        if seed == seed_wanted and r["eval"] is not None:
             add(model, aug, "the report's pipeline", r["eval"]["repeated"]["mean"])
     for (model, aug, seed, _), r in load_extra_evaluations(results, "ablation").items():
-        if seed == 0:
+        if seed == seed_wanted:
             for step, m in r["ablation"]["only"].items():
                 add(model, aug, f"{step} alone", m["mean"])
             for step, m in r["ablation"]["without"].items():
                 add(model, aug, f"all but {step}", m["mean"])
     for (model, aug, seed, pipeline), r in load_extra_evaluations(results, "train-mode").items():
-        if seed == 0:
+        if seed == seed_wanted:
             add(model, aug, f"train mode, --repeat-aug {pipeline}", r["repeated"]["mean"])
     return candidates
 
@@ -331,9 +331,23 @@ def fit_both_table(records, numbers, results):
     gaps = sorted(float(row[4]) for row in rows)
     summary = (f"\n{len(rows)} pipeline{'' if len(rows) == 1 else 's'} with both models measured. The nearest to both report numbers: "
                f"{nearest[1]} (models trained {nearest[0]}), {nearest[-1]} points from the farther one. "
+               f"{other_seeds(records, results, numbers, nearest[0].strip('`').split()[-1], nearest[1])}"
                f"Our gaps between the two models: {gaps[0]:.2f} to {gaps[-1]:.2f} points; the report's: {gap}.\n")
     return table(["trained by", "test pipeline", "CNN %", "ResNet9 %", f"gap (the report's: {gap})",
                   "farther of the two from the report (points)"], rows) + summary
+
+
+def other_seeds(records, results, numbers, aug, name):
+    """The same test pipeline on the seeds after 0, where measured: does a seed-0 fit hold?"""
+    found = []
+    for model, label in MODELS.items():
+        for seed in sorted({s for (m, a, s) in records if m == model and a == aug and s != 0}):
+            accuracy = test_pipelines(records, results, seed).get((aug, name), {}).get(model)
+            if accuracy is not None:
+                found.append(f"{label} seed {seed} {numbers.pct(accuracy)}%")
+    if not found:
+        return "On other seeds: not measured yet. "
+    return f"The same pipeline on other seeds: {', '.join(found)}. "
 
 
 def classroom_table(records, numbers, results):

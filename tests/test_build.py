@@ -158,6 +158,12 @@ def test_every_test_pipeline_is_set_against_both_report_numbers(project):
     assert "| `--aug report` | train mode, --repeat-aug none | 44.53 | 67.02 | 22.49 | 1.00 |" in fit
     assert ("The nearest to both report numbers: train mode, --repeat-aug none (models trained "
             "`--aug report`), 1.00 points from the farther one.") in fit
+    assert "On other seeds: not measured yet." in fit
+    write_extra(project, "train-mode", "cnn", "report", 1, 0.6274, "none", 0.4812)  # does the fit hold?
+    build.main([], root=project)
+    fit = page.read_text().split("<!-- build: fit-both -->")[1].split("<!-- end build -->")[0]
+    assert "The same pipeline on other seeds: CNN seed 1 48.12%." in fit
+    assert "| `--aug report` | train mode, --repeat-aug none | 44.53 | 67.02 |" in fit  # seed 0's row stays
     assert build.main(["--check"], root=project) == 0
 
 
