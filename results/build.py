@@ -496,7 +496,7 @@ def draw_ablation(records, path, results):
         if not ax.collections:
             ax.text(0.5, 0.5, "not measured yet", transform=ax.transAxes, ha="center", fontsize=14, color="grey")
     axes[0].set_ylabel("points lost against the clean test accuracy", fontsize=12)
-    fig.suptitle("(c) Which step of the report's test pipeline costs how much (filled: trained through it)"
+    fig.suptitle("(c) Which step of the report's test pipeline costs how much (seed 0; filled: trained through it)"
                  + ("" if ablations else ":\nnot measured yet"), fontsize=16)
     handles = {label: h for ax in axes for h, label in zip(*ax.get_legend_handles_labels())}
     if handles:  # below the axes, where it hides no point
