@@ -313,25 +313,37 @@ def train_mode_table(records, numbers, results):
     return table(["model", "trained by", "test images through", "train-mode passes", "clean test"], rows)
 
 
+def both_measured(records, results):
+    """The seed-0 test pipelines measured on both models: [(aug, name, CNN %, ResNet9 %)]."""
+    return [(aug, name, 100 * m["cnn"], 100 * m["resnet9"])
+            for (aug, name), m in sorted(test_pipelines(records, results).items()) if len(m) == 2]
+
+
+def distance_to_report(cnn, resnet):
+    """How far a pipeline lands from the report's two numbers: the farther of the two, in points."""
+    return max(abs(cnn - report.REPORT["cnn"]), abs(resnet - report.REPORT["resnet9"]))
+
+
+def nearest_to_report(points):
+    """The pipeline whose farther number lands nearest the report's: the best candidate reading."""
+    return min(points, key=lambda p: distance_to_report(p[2], p[3]))
+
+
 def fit_both_table(records, numbers, results):
     """Every test pipeline with both models measured: how far it lands from both report numbers."""
-    rows = []
-    for (aug, name), by_model in sorted(test_pipelines(records, results).items()):
-        if len(by_model) < 2:
-            continue
-        cnn, resnet = 100 * by_model["cnn"], 100 * by_model["resnet9"]
-        rows.append([f"`--aug {aug}`", name, numbers.points(cnn), numbers.points(resnet),
-                     numbers.points(resnet - cnn),
-                     numbers.points(max(abs(cnn - report.REPORT["cnn"]), abs(resnet - report.REPORT["resnet9"])))])
+    points = both_measured(records, results)
+    rows = [[f"`--aug {aug}`", name, numbers.points(cnn), numbers.points(resnet),
+             numbers.points(resnet - cnn), numbers.points(distance_to_report(cnn, resnet))]
+            for aug, name, cnn, resnet in points]
     gap = numbers.points(report.REPORT["resnet9"] - report.REPORT["cnn"])
     if not rows:
         return (f"(every test pipeline against both report numbers, a {gap}-point gap: not measured "
                 f"yet, it needs the seed-0 ResNet9 evaluations)\n")
-    nearest = min(rows, key=lambda row: float(row[-1]))
-    gaps = sorted(float(row[4]) for row in rows)
+    aug, name, cnn, resnet = nearest_to_report(points)
+    gaps = sorted(resnet_ - cnn_ for _, _, cnn_, resnet_ in points)
     summary = (f"\n{len(rows)} pipeline{'' if len(rows) == 1 else 's'} with both models measured. The nearest to both report numbers: "
-               f"{nearest[1]} (models trained {nearest[0]}), {nearest[-1]} points from the farther one. "
-               f"{other_seeds(records, results, numbers, nearest[0].strip('`').split()[-1], nearest[1])}"
+               f"{name} (models trained `--aug {aug}`), {numbers.points(distance_to_report(cnn, resnet))} points from the farther one. "
+               f"{other_seeds(records, results, numbers, aug, name)}"
                f"Our gaps between the two models: {gaps[0]:.2f} to {gaps[-1]:.2f} points; the report's: {gap}.\n")
     return table(["trained by", "test pipeline", "CNN %", "ResNet9 %", f"gap (the report's: {gap})",
                   "farther of the two from the report (points)"], rows) + summary
@@ -339,12 +351,10 @@ def fit_both_table(records, numbers, results):
 
 def other_seeds(records, results, numbers, aug, name):
     """The same test pipeline on the seeds after 0, where measured: does a seed-0 fit hold?"""
-    found = []
-    for model, label in MODELS.items():
-        for seed in sorted({s for (m, a, s) in records if m == model and a == aug and s != 0}):
-            accuracy = test_pipelines(records, results, seed).get((aug, name), {}).get(model)
-            if accuracy is not None:
-                found.append(f"{label} seed {seed} {numbers.pct(accuracy)}%")
+    seeds = sorted({seed for (_, a, seed) in records if a == aug and seed != 0})
+    measured = {seed: test_pipelines(records, results, seed).get((aug, name), {}) for seed in seeds}
+    found = [f"{label} seed {seed} {numbers.pct(measured[seed][model])}%"
+             for model, label in MODELS.items() for seed in seeds if model in measured[seed]]
     if not found:
         return "On other seeds: not measured yet. "
     return f"The same pipeline on other seeds: {', '.join(found)}. "
@@ -513,15 +523,14 @@ def draw_fit_both(records, path, results):
     fig, ax = plt.subplots(figsize=(10, 9))
     star = (report.REPORT["cnn"], report.REPORT["resnet9"])
     gap = star[1] - star[0]
-    points = [(aug, name, 100 * m["cnn"], 100 * m["resnet9"])
-              for (aug, name), m in sorted(test_pipelines(records, results).items()) if len(m) == 2]
+    points = both_measured(records, results)
     for aug, filled in (("report", True), ("none", False)):
         mine = [(x, y) for a, _, x, y in points if a == aug]
         if mine:
             ax.scatter(*zip(*mine), s=70, color="tab:blue", facecolors="tab:blue" if filled else "none",
                        label=f"a test pipeline, models trained --aug {aug}")
     if points:  # name the candidate nearest to both report numbers, as the table's line does
-        aug, name, x, y = min(points, key=lambda p: max(abs(p[2] - star[0]), abs(p[3] - star[1])))
+        aug, name, x, y = nearest_to_report(points)
         ax.annotate(f"nearest: {name}\n(trained --aug {aug})", (x, y), xytext=(x + 10, y - 20),
                     fontsize=11, arrowprops=dict(arrowstyle="->", color="grey"))
     ax.scatter(*star, marker="*", s=500, color="crimson", zorder=3, label=f"the report ({star[0]}, {star[1]})")
