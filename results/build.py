@@ -208,7 +208,7 @@ def findings(records, numbers):
         if a and b:
             gap = 100 * (mean_std(a)[0] - mean_std(b)[0])
             lines.append(f"Trained with {RECIPES[aug]}, the ResNet9 scores {numbers.points(abs(gap))} points "
-                         f"{'above' if gap >= 0 else 'below'} the CNN {evidence(a, b)}.")
+                         f"{'above' if gap >= 0 else 'below'} the CNN {evidence(a, b, ('the ResNet9', 'the CNN'))}.")
         else:
             lines.append(f"Trained with {RECIPES[aug]}, the ResNet9 against the CNN: not measured yet.")
     for model, label in MODELS.items():
@@ -218,7 +218,7 @@ def findings(records, numbers):
             if a and b:
                 cost = 100 * (mean_std(a)[0] - mean_std(b)[0])
                 parts.append(f"{'cost' if cost >= 0 else 'gained'} it {numbers.points(abs(cost))} points "
-                             f"against {name} {evidence(a, b)}")
+                             f"against {name} {evidence(a, b, (f'`--aug {other}`', '`--aug report`'))}")
             else:
                 parts.append(f"against {name}: not measured yet")
         lines.append(f"The report's augmentation, for the {label}: {parts[0]}; {parts[1]}.")
@@ -227,13 +227,15 @@ def findings(records, numbers):
     return "".join(f"- {line}\n" for line in lines)
 
 
-def evidence(a, b):
-    """How far a gap between two recipes' seeds can be trusted, in brackets."""
+def evidence(a, b, names):
+    """How far a gap between the seeds a and b (named names[0], names[1]) can be trusted, in
+    brackets: "(3 seeds of the ResNet9, 1 of the CNN: with one seed, not yet a verdict)"."""
+    seeds = f"{len(a)} seed{'s' if len(a) > 1 else ''} of {names[0]}, {len(b)} of {names[1]}"
     if len(a) < 2 or len(b) < 2:
-        return f"({len(a)} and {len(b)} seeds: with one seed, not yet a verdict)"
+        return f"({seeds}: with one seed, not yet a verdict)"
     p = report.welch(a, b)[2]
     noise = "beyond the seed-to-seed noise" if p < 0.05 else "within the seed-to-seed noise"
-    return f"({len(a)} and {len(b)} seeds; Welch's p = {p:.2g}: {noise})"
+    return f"({seeds}; Welch's p = {p:.2g}: {noise})"
 
 
 def runs_table(records, numbers):

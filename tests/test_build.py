@@ -187,10 +187,23 @@ def test_a_gap_within_the_seed_noise_is_not_called_a_difference(project):
     assert build.main([], root=project) == 0
     page = build_page.read_text()
     p = evaluate.welch([0.7157, 0.7132], [0.6243, 0.6274])[2]
-    assert (f"the ResNet9 scores 8.86 points above the CNN (2 and 2 seeds; Welch's p = {p:.2g}: "
+    assert (f"the ResNet9 scores 8.86 points above the CNN (2 seeds of the ResNet9, 2 of the CNN; Welch's p = {p:.2g}: "
             "beyond the seed-to-seed noise).") in page
-    assert "for the CNN: gained it 0.09 points against no augmentation (2 and 2 seeds" in page
+    assert "for the CNN: gained it 0.09 points against no augmentation (2 seeds of `--aug none`, 2 of `--aug report`; " in page
     assert "the ResNet9 against the CNN: not measured yet." in page  # --aug none has no ResNet9 run
     row = next(line for line in page.splitlines() if line.startswith("| CNN | `--aug none`"))
     # report 62.585 minus none 62.50: 0.09 points, far inside a spread of 0.7
     assert "| 2 and 2 | 0.09 ± " in row and row.endswith("| no: within the noise of this many seeds |")
+
+
+def test_one_seed_gets_no_verdict(project):
+    """A recipe with one seed of a model: the finding gives the gap and says it is not a verdict."""
+    write_run(project, "cnn", "none", 0, 0.6300, 0.6300, 0.25)
+    write_run(project, "resnet9", "none", 0, 0.7000, 0.7000, 0.30)
+    build_page = project / "README.md"
+    build_page.write_text("<!-- build: findings -->\n<!-- end build -->\n")
+    assert build.main([], root=project) == 0
+    page = build_page.read_text()
+    assert ("the ResNet9 scores 7.00 points above the CNN (1 seed of the ResNet9, 1 of the CNN: "
+            "with one seed, not yet a verdict).") in page
+    assert "Welch's p" not in page.split("(`--aug none`)")[1].splitlines()[0]
