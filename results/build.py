@@ -157,16 +157,29 @@ def answer_table(records, numbers):
     return table(header, rows)
 
 
+BEYOND_NOISE_P = 0.05  # a gap with Welch's p below this is called beyond the seed-to-seed noise
+
+
+def mean_gap(a, b):
+    """Mean of the seeds a minus mean of the seeds b, in points."""
+    return 100 * (mean_std(a)[0] - mean_std(b)[0])
+
+
+def can_weigh(a, b):
+    """Welch's test needs a spread on both sides: two seeds of each at least."""
+    return len(a) >= 2 and len(b) >= 2
+
+
 def welch_row(numbers, a, b):
     """Mean of a minus mean of b in points, ± the standard error of that difference, Welch's p,
-    and whether the gap is beyond the seed-to-seed noise (p < 0.05), over the seeds of each."""
-    if len(a) < 2 or len(b) < 2:
-        gap = f"{numbers.points(100 * (mean_std(a)[0] - mean_std(b)[0]))}" if a and b else "-"
+    and whether the gap is beyond the seed-to-seed noise, over the seeds of each."""
+    if not can_weigh(a, b):
+        gap = numbers.points(mean_gap(a, b)) if a and b else "-"
         return [gap, "needs 2 seeds of each", "not tested yet"]
     t, df, p = report.welch(a, b)
     (mean_a, std_a), (mean_b, std_b) = mean_std(a), mean_std(b)
     standard_error = (std_a ** 2 / len(a) + std_b ** 2 / len(b)) ** 0.5
-    beyond = "yes" if p < 0.05 else "no: within the noise of this many seeds"
+    beyond = "yes" if p < BEYOND_NOISE_P else "no: within the noise of this many seeds"
     df_text = f" (df = {df:.1f})" if df is not None else ""
     return [f"{numbers.points(100 * (mean_a - mean_b))} ± {numbers.points(100 * standard_error)}",
             f"{p:.2g}{df_text}", beyond]
@@ -206,7 +219,7 @@ def findings(records, numbers):
     for aug in RECIPES:
         a, b = clean["resnet9", aug], clean["cnn", aug]
         if a and b:
-            gap = 100 * (mean_std(a)[0] - mean_std(b)[0])
+            gap = mean_gap(a, b)
             lines.append(f"Trained with {RECIPES[aug]}, the ResNet9 scores {numbers.points(abs(gap))} points "
                          f"{'above' if gap >= 0 else 'below'} the CNN {evidence(a, b, ('the ResNet9', 'the CNN'))}.")
         else:
@@ -216,7 +229,7 @@ def findings(records, numbers):
         for other, name in (("none", "no augmentation"), ("standard", "the usual recipe")):
             a, b = clean[model, other], clean[model, "report"]
             if a and b:
-                cost = 100 * (mean_std(a)[0] - mean_std(b)[0])
+                cost = mean_gap(a, b)
                 parts.append(f"{'cost' if cost >= 0 else 'gained'} it {numbers.points(abs(cost))} points "
                              f"against {name} {evidence(a, b, (f'`--aug {other}`', '`--aug report`'))}")
             else:
@@ -231,10 +244,10 @@ def evidence(a, b, names):
     """How far a gap between the seeds a and b (named names[0], names[1]) can be trusted, in
     brackets: "(3 seeds of the ResNet9, 1 of the CNN: with one seed, not yet a verdict)"."""
     seeds = f"{len(a)} seed{'s' if len(a) > 1 else ''} of {names[0]}, {len(b)} of {names[1]}"
-    if len(a) < 2 or len(b) < 2:
+    if not can_weigh(a, b):
         return f"({seeds}: with one seed, not yet a verdict)"
     p = report.welch(a, b)[2]
-    noise = "beyond the seed-to-seed noise" if p < 0.05 else "within the seed-to-seed noise"
+    noise = "beyond the seed-to-seed noise" if p < BEYOND_NOISE_P else "within the seed-to-seed noise"
     return f"({seeds}; Welch's p = {p:.2g}: {noise})"
 
 
