@@ -24,7 +24,7 @@ Prose quoting the report: 44.53% and 66.02%.
 """
 
 
-def write_run(root, model, aug, seed, test, val, repeated, finished=True):
+def write_run(root, model, aug, seed, test, val, repeated, finished=True, precision="bf16"):
     """A training record and its evaluation, as train_*.py and evaluate.py --out write them."""
     folder = root / "results" / "runs" / f"{aug}-s{seed}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -32,7 +32,7 @@ def write_run(root, model, aug, seed, test, val, repeated, finished=True):
              "val_accuracy": val, "seconds": 30.0} for epoch in (1, 2)]
     run = {"model": model, "config": {"aug": aug, "epochs": 2}, "seed": seed,
            "history": rows, "test_accuracy": test if finished else None,
-           "train_seconds": 600.0, "device": "cpu (test, 1 thread)", "precision": "bf16",
+           "train_seconds": 600.0, "device": "cpu (test, 1 thread)", "precision": precision,
            "git_commit": "0123456789abcdef"}
     (folder / f"{model}.json").write_text(json.dumps(run))
     evaluation = {"model": model, "aug": aug, "seed": seed, "test_accuracy": test, "val_accuracy": val,
@@ -207,3 +207,13 @@ def test_one_seed_gets_no_verdict(project):
     assert ("the ResNet9 scores 7.00 points above the CNN (1 seed of the ResNet9, 1 of the CNN: "
             "with one seed, not yet a verdict).") in page
     assert "Welch's p" not in page.split("(`--aug none`)")[1].splitlines()[0]
+
+
+def test_a_mean_over_seeds_of_different_precisions_says_so(project):
+    """A seed trained in fp32 (a CPU without bfloat16) beside seeds in bf16: the answer table's
+    row says its mean mixes the two; a recipe trained in one precision says nothing."""
+    write_run(project, "resnet9", "report", 2, 0.7200, 0.7200, 0.58, precision="fp32")
+    assert build.main([], root=project) == 0
+    page = (project / "README.md").read_text()
+    assert "|  | ours, `--aug report` (seeds in bf16 and fp32) | " in page
+    assert page.count("(seeds in") == 1  # the CNN's two bf16 seeds are not flagged
