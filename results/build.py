@@ -134,8 +134,8 @@ def cell(numbers, values):
 
 
 def mixed_precisions(runs):
-    """" (seeds in bf16 and fp32)" where a recipe's seeds trained in different precisions (a
-    machine without bfloat16 instructions trains in fp32), so a mean over them says so; else ""."""
+    """A note such as ' (seeds in bf16 and fp32)' where a recipe's seeds trained in different
+    precisions (a CPU without bfloat16 trains in fp32), so a mean over them says so; else ''."""
     precisions = sorted({r["run"]["precision"] for r in runs})
     return f" (seeds in {' and '.join(precisions)})" if len(precisions) > 1 else ""
 
@@ -157,7 +157,8 @@ def answer_table(records, numbers):
                      f"{numbers.points(report.REPORT[model])}% (100 passes)", "-"])
         for aug in RECIPES:
             runs = runs_of(records, model, aug)
-            rows.append(["", f"ours, `--aug {aug}`" + mixed_precisions(runs), cell(numbers, measure(runs, "val_accuracy")),
+            trained_by = f"ours, `--aug {aug}`" + mixed_precisions(runs)
+            rows.append(["", trained_by, cell(numbers, measure(runs, "val_accuracy")),
                          cell(numbers, measure(runs, "repeated")), cell(numbers, measure(runs, "test_accuracy"))])
     header = ["model", "trained by", "validation accuracy", "the report's test protocol",
               "clean test accuracy"]
