@@ -7,8 +7,9 @@
 Settings are the report's: Adam, one-cycle learning rate peaking at 0.01, weight decay 1e-4,
 gradient values clipped at 0.1, batch 64, 20 epochs, its augmentation (--aug report).
 "val" is 5,000 training images held out and never trained on; the test accuracy printed at
-the end is clean (no augmentation) on all 10,000 test images. Expected results and times:
-see the README's results table. Then compare with: python evaluate.py runs/cnn.pt runs/resnet9.pt
+the end is clean (no augmentation) on all 10,000 test images. Expected results: the README's
+answer table; each run's time: docs/results.md. Then compare with:
+python evaluate.py runs/cnn.pt runs/resnet9.pt
 """
 import torch
 import torch.nn as nn

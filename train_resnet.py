@@ -7,10 +7,10 @@
 Settings are the report's: Adam, one-cycle learning rate peaking at 0.01, weight decay 1e-4,
 gradient values clipped at 0.1, batch 64, 20 epochs, its augmentation (--aug report).
 "val" is 5,000 training images held out and never trained on; the test accuracy printed at
-the end is clean (no augmentation) on all 10,000 test images. Expected results and times:
-see the README's results table. On a 2-core CPU an epoch takes minutes (about 5 in bf16 where
-the CPU has bfloat16 instructions, about 11 in float32): use a GPU, or split the run with
---stop-after and --resume.
+the end is clean (no augmentation) on all 10,000 test images. Expected results: the README's
+answer table; each run's time: docs/results.md. On a 2-core CPU a run takes hours (an epoch
+took 10 to 13 minutes in bf16 there, two runs sharing the CPU): use a GPU, or split the run
+with --stop-after and --resume.
 """
 import torch
 import torch.nn as nn
