@@ -4,7 +4,7 @@
     python bench.py --device cpu --json runs/bench_cpu.json --data-dir /tmp/cifar
     python bench.py --device cuda --json runs/bench_cuda.json --model cnn
 
-Three measurements, side by side in one process, all of the report's pipeline (--aug report)
+Four measurements, side by side in one process, all of the report's pipeline (--aug report)
 on batches of 64 images:
   (a) batched      common.augment_report on uint8 batches already on the device, every image
                    with its own random parameters from a generator on the device. After a
@@ -27,13 +27,12 @@ on batches of 64 images:
                    instructions: that is why auto picks fp32 there), fp16 on CUDA only
                    (float16 on a CPU is emulated, some 100x slower: not timed).
 
-Goals from the issue: augment_speedup = (a) / (b) of at least 10 on a 2-core CPU, and a
-pipeline overhead under 10% of a step on a GPU. Without CIFAR-10 in --data-dir, random uint8
+What this project aims for: augment_speedup = (a) / (b) of at least 10 on a 2-core CPU, and
+a pipeline overhead under 10% of a step on a GPU. Without CIFAR-10 in --data-dir, random uint8
 images are used instead (the output and the JSON say so): the timings barely depend on content.
 Another busy process skews every number here, (a) most: its many small operations each split
-across all the CPU's threads, and when one core is busy each waits for the slowest thread
-(measured on 2 cores: 154 images/s instead of 9,400 with OMP_NUM_THREADS=1). The load average
-is recorded and a warning printed; rerun when the machine is idle.
+across all the CPU's threads, and when one core is busy each waits for the slowest thread.
+The load average is recorded and a warning printed; rerun when the machine is idle.
 """
 import argparse
 import itertools
@@ -53,7 +52,7 @@ BATCH = common.REPORT_RECIPE["batch_size"]  # the report's batch size
 WORKERS = 2  # a Colab notebook's DataLoader(num_workers=2)
 TRAIN_IMAGES = 50_000  # the size of the random stand-in for CIFAR-10's training set
 ROUNDS = 3  # (c) alternates bare and full blocks this many times and keeps the medians
-# Defaults by device: a ResNet9 step takes about 1.1 s on a 2-core CPU and milliseconds on a
+# Defaults by device: a ResNet9 step takes about a second on a 2-core CPU and milliseconds on a
 # GPU, and the default run should stay within about 3 minutes on the CPU.
 DEFAULTS = {"cpu": {"images": 10_000, "steps": 5, "warmup_steps": 1},
             "cuda": {"images": 50_000, "steps": 100, "warmup_steps": 10}}

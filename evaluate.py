@@ -11,8 +11,8 @@ For each checkpoint it reports:
   repeated        the report's protocol: the test set through an augmentation, --repeats
                   times. Only a random test pass can differ from pass to pass, so the
                   report's 100 passes most likely averaged the accuracy on distorted
-                  images, not the clean accuracy (the README's "How the report got its
-                  numbers" tests that reading). --repeat-aug picks the augmentation: report
+                  images, not the clean accuracy (docs/how-the-report-got-its-numbers.md
+                  tests that reading). --repeat-aug picks the augmentation: report
                   (default) is the report's list, whatever the model was trained with;
                   train is the checkpoint's own --aug; none gives passes equal to the clean
                   pass. --train-mode runs the passes as a test loop that forgot
