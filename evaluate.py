@@ -114,6 +114,7 @@ def build_model(state, path):
 
 def evaluate(path, args, device):
     """Every measurement of one checkpoint, as a dict (the JSON's content)."""
+    started = time.perf_counter()
     state = common.load_checkpoint(path)
     config = state["config"]
     precision, reason = evaluation_precision(config, device, args.precision)
@@ -144,6 +145,8 @@ def evaluate(path, args, device):
         "train_accuracy": accuracy(model, *data["train"], precision),
         "val_accuracy": accuracy(model, *data["val"], precision) if len(data["val"][1]) else None,
         "precision": precision, "against_report": None, "ablation": None,
+        # where and by what code it was measured, as a training run's JSON says it
+        "device": common.device_name(device), "torch": torch.__version__, "git_commit": args.git_commit,
         "classes": classes, "correct": correct.cpu(),  # "correct" is for the comparison, not the JSON
     }
     if args.repeats:
@@ -162,6 +165,7 @@ def evaluate(path, args, device):
     if args.against_report:
         result["against_report"] = against_report(state["history"], read_report_log()[state["model_name"]])
         result["against_report"]["like_for_like"] = not result["not_the_reports_schedule"]
+    result["eval_seconds"] = time.perf_counter() - started
     return result
 
 
@@ -523,6 +527,7 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
     print(f"device: {common.device_name(device)}")
     groups = group_by_model([Path(path) for path in args.checkpoints])
+    args.git_commit = common.git_commit()  # read now: the code that measures is the code at the start
     results = [evaluate(Path(path), args, device) for path in args.checkpoints]
     for r in results:
         print(format_result(r))

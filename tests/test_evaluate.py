@@ -43,6 +43,16 @@ def test_clean_accuracy_equals_the_training_runs(runs):
     assert result["params"] == 1_125_258
 
 
+def test_an_evaluation_records_where_by_what_code_and_how_long(runs, tmp_path):
+    out = tmp_path / "eval.json"
+    evaluate.main(evaluate_args(runs, str(runs["dir"] / "cnn.pt"), "--repeats", "2", "--out", str(out)))
+    record = json.loads(out.read_text())
+    assert record["device"] == common.device_name(torch.device("cpu"))
+    assert record["torch"] == torch.__version__
+    assert record["git_commit"] == common.git_commit()
+    assert 0 < record["eval_seconds"] < 600
+
+
 def test_per_class_accuracies_average_to_the_clean_accuracy(runs):
     result = evaluate.main(evaluate_args(runs, str(runs["dir"] / "cnn.pt"), "--repeats", "0"))
     per_class = list(result["per_class"].values())
