@@ -146,7 +146,7 @@ def evaluate(path, args, device):
         "val_accuracy": accuracy(model, *data["val"], precision) if len(data["val"][1]) else None,
         "precision": precision, "against_report": None, "ablation": None,
         # where and by what code it was measured, as a training run's JSON says it
-        "device": common.device_name(device), "torch": torch.__version__, "git_commit": args.git_commit,
+        "device": common.device_name(device), "torch": torch.__version__, "git_commit": common.git_commit(),
         "classes": classes, "correct": correct.cpu(),  # "correct" is for the comparison, not the JSON
     }
     if args.repeats:
@@ -527,7 +527,7 @@ def main(argv=None):
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest kernels once
     print(f"device: {common.device_name(device)}")
     groups = group_by_model([Path(path) for path in args.checkpoints])
-    args.git_commit = common.git_commit()  # read now: the code that measures is the code at the start
+    common.git_commit()  # read now (it is cached): the code that measures is the code at the start
     results = [evaluate(Path(path), args, device) for path in args.checkpoints]
     for r in results:
         print(format_result(r))
