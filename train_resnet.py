@@ -9,8 +9,8 @@ gradient values clipped at 0.1, batch 64, 20 epochs, its augmentation (--aug rep
 "val" is 5,000 training images held out and never trained on; the test accuracy printed at
 the end is clean (no augmentation) on all 10,000 test images. Expected results: the README's
 answer table; each run's time: docs/results.md. On a 2-core CPU a run takes hours (an epoch
-took 10 to 13 minutes in bf16 there, two runs sharing the CPU): use a GPU, or split the run
-with --stop-after and --resume.
+took about 10 minutes in bf16 there with two runs sharing the CPU, 5 with one run alone): use
+a GPU, or split the run with --stop-after and --resume.
 """
 import torch
 import torch.nn as nn
